@@ -1,0 +1,91 @@
+"""Decoder heads of NeMo's hybrid models: the CTC projection and the RNNT predictor + joint.
+
+Parameter names follow NeMo (`decoder_layers.0`, `prediction.embed`, `prediction.dec_rnn.lstm`,
+`pred`, `enc`, `joint_net.N`).  The blank token is the last index (`vocab_size`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CTCHead(nn.Module):
+    """NeMo's ConvASRDecoder: a 1x1 convolution to vocab + blank."""
+
+    def __init__(self, feat_in: int, vocab_size: int):
+        super().__init__()
+        self.blank = vocab_size
+        self.decoder_layers = nn.Sequential(nn.Conv1d(feat_in, vocab_size + 1, kernel_size=1, bias=True))
+
+    def forward(self, encoded: torch.Tensor) -> torch.Tensor:
+        """encoded [B, T, d] -> logits [B, T, vocab + 1]."""
+        return self.decoder_layers(encoded.transpose(1, 2)).transpose(1, 2)
+
+
+class RNNTPredictor(nn.Module):
+    """NeMo's RNNTDecoder prediction network: embedding (blank as padding) + LSTM."""
+
+    def __init__(self, vocab_size: int, pred_hidden: int, layers: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.blank = vocab_size
+        self.hidden = pred_hidden
+        self.layers = layers
+        self.prediction = nn.ModuleDict({
+            "embed": nn.Embedding(vocab_size + 1, pred_hidden, padding_idx=vocab_size),
+            "dec_rnn": _LSTMDropout(pred_hidden, pred_hidden, layers, dropout),
+        })
+
+    def embed(self, labels: torch.Tensor) -> torch.Tensor:
+        # The start symbol is the blank; NeMo feeds it as a zero vector.
+        emb = self.prediction["embed"](labels.clamp(max=self.blank))
+        return emb.masked_fill((labels == self.blank).unsqueeze(-1), 0.0)
+
+    def step(self, labels: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One label per stream: labels [B], state (h, c) each [layers, B, H] -> g [B, H]."""
+        out, state = self.prediction["dec_rnn"].lstm(self.embed(labels).unsqueeze(0), state)
+        return out[0], state
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        """Training: targets [B, U] -> predictor outputs [B, U + 1, H] (blank/SOS prepended)."""
+        emb = self.embed(targets)
+        emb = torch.cat([torch.zeros_like(emb[:, :1]), emb], dim=1)
+        out, _ = self.prediction["dec_rnn"](emb.transpose(0, 1))
+        return out.transpose(0, 1)
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32):
+        z = torch.zeros(self.layers, batch, self.hidden, device=device, dtype=dtype)
+        return z, z.clone()
+
+
+class _LSTMDropout(nn.Module):
+    """Holds the LSTM under the name `lstm` (NeMo's LSTMDropout) and applies output dropout."""
+
+    def __init__(self, input_size: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden, layers, dropout=dropout if layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def forward(self, x, state=None):
+        out, state = self.lstm(x, state)
+        return (self.dropout(out) if self.dropout is not None else out), state
+
+
+class RNNTJoint(nn.Module):
+    """NeMo's RNNTJoint: project encoder and predictor, add, activation, (dropout), output layer."""
+
+    def __init__(self, enc_hidden: int, pred_hidden: int, joint_hidden: int, vocab_size: int,
+                 activation: str = "relu", dropout: float = 0.0):
+        super().__init__()
+        self.pred = nn.Linear(pred_hidden, joint_hidden)
+        self.enc = nn.Linear(enc_hidden, joint_hidden)
+        acts = {"relu": nn.ReLU(), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()}
+        if activation not in acts:
+            raise ValueError(f"joint activation {activation!r} is not one of {sorted(acts)}")
+        layers = [acts[activation]] + ([nn.Dropout(dropout)] if dropout else []) + \
+            [nn.Linear(joint_hidden, vocab_size + 1)]
+        self.joint_net = nn.Sequential(*layers)
+
+    def forward(self, enc_proj: torch.Tensor, pred_proj: torch.Tensor) -> torch.Tensor:
+        """Projected encoder [..., H] + projected predictor [..., H] -> logits [..., vocab + 1]."""
+        return self.joint_net(enc_proj + pred_proj)

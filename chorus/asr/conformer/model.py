@@ -1,0 +1,432 @@
+"""Cache-aware streaming FastConformer encoder, as NVIDIA NeMo defines it.
+
+Module and parameter names follow NeMo's `ConformerEncoder` so that a `.nemo` state dict loads
+without renaming.  Two entry points share every layer:
+  * `forward`  - the whole utterance with the streaming attention mask (training, tests);
+  * `stream`   - one chunk for a batch of streams, reading and returning the per-layer caches.
+Shapes inside are batch-first `[B, T, d_model]`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_VALUE = 10000.0  # NeMo's INF_VAL: masked scores are set to -10000, not -inf
+
+
+class ModelConfigError(ValueError):
+    """The checkpoint describes a model this encoder cannot run as a cache-aware stream."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    feat_in: int = 80
+    n_layers: int = 17
+    d_model: int = 512
+    feat_out: int = -1
+    subsampling: str = "dw_striding"
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    causal_downsampling: bool = True
+    ff_expansion_factor: int = 4
+    n_heads: int = 8
+    att_context_size: tuple[tuple[int, int], ...] = ((70, 13), (70, 6), (70, 1), (70, 0))
+    att_context_probs: tuple[float, ...] | None = None
+    att_context_style: str = "chunked_limited"
+    xscaling: bool = True
+    untie_biases: bool = True
+    pos_emb_max_len: int = 5000
+    conv_kernel_size: int = 9
+    conv_norm_type: str = "layer_norm"
+    use_bias: bool = True
+    dropout: float = 0.1
+    dropout_pre_encoder: float = 0.1
+    dropout_emb: float = 0.0
+    dropout_att: float = 0.1
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_nemo(cls, cfg: dict) -> "EncoderConfig":
+        """Read NeMo's `encoder` section; refuse what cannot stream with bounded caches."""
+        target = str(cfg.get("_target_", ""))
+        if target and not target.endswith("ConformerEncoder"):
+            raise ModelConfigError(f"encoder {target} is not a ConformerEncoder")
+        if cfg.get("self_attention_model", "rel_pos") != "rel_pos":
+            raise ModelConfigError(f"self_attention_model={cfg.get('self_attention_model')!r}: only rel_pos streams")
+        if not cfg.get("causal_downsampling", False):
+            raise ModelConfigError("causal_downsampling is false: not a cache-aware streaming model")
+        if cfg.get("reduction"):
+            raise ModelConfigError("encoder reduction layers cannot stream")
+        if cfg.get("subsampling", "striding") not in ("dw_striding", "striding"):
+            raise ModelConfigError(f"subsampling={cfg.get('subsampling')!r} is not supported")
+        style = cfg.get("att_context_style", "regular")
+        if style not in ("chunked_limited", "regular"):
+            raise ModelConfigError(f"att_context_style={style!r} is not supported")
+        ctx = cfg.get("att_context_size") or [[-1, -1]]
+        ctx = [ctx] if isinstance(ctx[0], int) else ctx
+        contexts = tuple((int(a), int(b)) for a, b in ctx)
+        for left, right in contexts:
+            if left < 0:
+                raise ModelConfigError(f"att_context_size {[left, right]}: unlimited left context needs an unbounded cache")
+            if right < 0:
+                raise ModelConfigError(f"att_context_size {[left, right]}: unlimited right context cannot stream")
+            if style == "chunked_limited" and left % (right + 1):
+                raise ModelConfigError(f"att_context_size {[left, right]}: left must be a multiple of right+1")
+        kernel = int(cfg.get("conv_kernel_size", 31))
+        conv_ctx = cfg.get("conv_context_size")
+        if conv_ctx not in ("causal", [kernel - 1, 0], (kernel - 1, 0)):
+            raise ModelConfigError(f"conv_context_size={conv_ctx!r}: only causal convolutions stream")
+        if int(cfg.get("global_tokens", 0) or 0):
+            raise ModelConfigError("global attention tokens are not supported")
+        channels = int(cfg.get("subsampling_conv_channels", -1))
+        probs = cfg.get("att_context_probs")
+        return cls(
+            feat_in=int(cfg["feat_in"]), n_layers=int(cfg["n_layers"]), d_model=int(cfg["d_model"]),
+            feat_out=int(cfg.get("feat_out", -1)), subsampling=cfg.get("subsampling", "striding"),
+            subsampling_factor=int(cfg.get("subsampling_factor", 4)),
+            subsampling_conv_channels=channels if channels > 0 else int(cfg["d_model"]),
+            causal_downsampling=True, ff_expansion_factor=int(cfg.get("ff_expansion_factor", 4)),
+            n_heads=int(cfg.get("n_heads", 4)), att_context_size=contexts,
+            att_context_probs=tuple(float(p) for p in probs) if probs else None,
+            att_context_style=style, xscaling=bool(cfg.get("xscaling", True)),
+            untie_biases=bool(cfg.get("untie_biases", True)),
+            pos_emb_max_len=int(cfg.get("pos_emb_max_len", 5000)), conv_kernel_size=kernel,
+            conv_norm_type=cfg.get("conv_norm_type", "batch_norm"), use_bias=bool(cfg.get("use_bias", True)),
+            dropout=float(cfg.get("dropout", 0.1)), dropout_pre_encoder=float(cfg.get("dropout_pre_encoder", 0.1)),
+            dropout_emb=float(cfg.get("dropout_emb", 0.1)), dropout_att=float(cfg.get("dropout_att", 0.0)),
+        )
+
+    def to_nemo(self) -> dict:
+        return {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": self.feat_in, "feat_out": self.feat_out, "n_layers": self.n_layers,
+            "d_model": self.d_model, "use_bias": self.use_bias,
+            "subsampling": self.subsampling, "subsampling_factor": self.subsampling_factor,
+            "subsampling_conv_channels": self.subsampling_conv_channels,
+            "causal_downsampling": self.causal_downsampling, "ff_expansion_factor": self.ff_expansion_factor,
+            "self_attention_model": "rel_pos", "n_heads": self.n_heads,
+            "att_context_size": [list(c) for c in self.att_context_size],
+            "att_context_probs": list(self.att_context_probs) if self.att_context_probs else None,
+            "att_context_style": self.att_context_style, "xscaling": self.xscaling,
+            "untie_biases": self.untie_biases, "pos_emb_max_len": self.pos_emb_max_len,
+            "conv_kernel_size": self.conv_kernel_size, "conv_norm_type": self.conv_norm_type,
+            "conv_context_size": "causal", "dropout": self.dropout,
+            "dropout_pre_encoder": self.dropout_pre_encoder, "dropout_emb": self.dropout_emb,
+            "dropout_att": self.dropout_att,
+        }
+
+    @property
+    def max_left_context(self) -> int:
+        return max(left for left, _ in self.att_context_size)
+
+
+# ------------------------------------------------------------------------------------------
+# Causal subsampling
+# ------------------------------------------------------------------------------------------
+class CausalConv2D(nn.Conv2d):
+    """Conv2d padded k-1 before and stride-1 after, in time and frequency (NeMo's CausalConv2D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.kernel_size[0] - 1, self.stride[0] - 1
+        return super().forward(F.pad(x, (left, right, left, right)))
+
+
+def causal_conv_length(length, repeat: int, kernel: int = 3, stride: int = 2):
+    """Output length of `repeat` causal stride convolutions (NeMo's calc_length, integer form)."""
+    for _ in range(repeat):
+        length = (length + (kernel - 1) + (stride - 1) - kernel) // stride + 1
+    return length
+
+
+class ConvSubsampling(nn.Module):
+    """Causal `dw_striding` / `striding` 2-D conv subsampling, with NeMo's per-stage masking.
+
+    Masking the padded tail before every stage makes a batch of different lengths give each
+    stream exactly what it would get alone (NeMo's MaskedConvSequential).
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.stages = int(math.log2(cfg.subsampling_factor))
+        if 2 ** self.stages != cfg.subsampling_factor:
+            raise ModelConfigError(f"subsampling_factor {cfg.subsampling_factor} is not a power of 2")
+        ch = cfg.subsampling_conv_channels
+        layers: list[nn.Module] = []
+        if cfg.subsampling == "dw_striding":
+            layers += [CausalConv2D(1, ch, 3, 2), nn.ReLU(True)]
+            for _ in range(self.stages - 1):
+                layers += [CausalConv2D(ch, ch, 3, 2, groups=ch), nn.Conv2d(ch, ch, 1), nn.ReLU(True)]
+        else:
+            for i in range(self.stages):
+                layers += [CausalConv2D(1 if i == 0 else ch, ch, 3, 2), nn.ReLU(True)]
+        self.conv = nn.Sequential(*layers)
+        self.out = nn.Linear(ch * causal_conv_length(cfg.feat_in, self.stages), cfg.d_model)
+
+    def output_length(self, length):
+        return causal_conv_length(length, self.stages)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, feat] -> [B, T', d_model]."""
+        x = x.unsqueeze(1)
+        for layer in self.conv:
+            x = x * _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
+                lengths = causal_conv_length(lengths, 1)
+        x = x * _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
+        b, c, t, f = x.shape
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f)), lengths
+
+
+def _time_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# ------------------------------------------------------------------------------------------
+# Relative positional encoding and attention
+# ------------------------------------------------------------------------------------------
+class RelPositionalEncoding(nn.Module):
+    """Sinusoids for relative positions L-1 ... -(L-1), built exactly as NeMo builds them."""
+
+    def __init__(self, d_model: int, max_len: int, xscale: float | None, dropout: float, dropout_emb: float):
+        super().__init__()
+        self.d_model = d_model
+        self.xscale = xscale
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_emb = nn.Dropout(dropout_emb) if dropout_emb > 0 else None
+        self.register_buffer("pe", self._table(max_len), persistent=False)
+
+    def _table(self, length: int) -> torch.Tensor:
+        positions = torch.arange(length - 1, -length, -1, dtype=torch.float32).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, self.d_model, 2, dtype=torch.float32)
+                             * -(math.log(MASK_VALUE) / self.d_model))
+        pe = torch.zeros(positions.shape[0], self.d_model)
+        pe[:, 0::2] = torch.sin(positions * div_term)
+        pe[:, 1::2] = torch.cos(positions * div_term)
+        return pe.unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, cache_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.xscale:
+            x = x * self.xscale
+        length = x.shape[1] + cache_len
+        if 2 * length - 1 > self.pe.shape[1]:
+            self.pe = self._table(length).to(self.pe.device, self.pe.dtype)
+        center = self.pe.shape[1] // 2 + 1
+        pos_emb = self.pe[:, center - length:center + length - 1].to(x.dtype)
+        if self.dropout_emb is not None:
+            pos_emb = self.dropout_emb(pos_emb)
+        return self.dropout(x), pos_emb
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    """Transformer-XL attention with NeMo's score layout, masking and left-context cache."""
+
+    def __init__(self, n_heads: int, d_model: int, dropout: float, use_bias: bool,
+                 pos_bias_u: nn.Parameter | None, pos_bias_v: nn.Parameter | None):
+        super().__init__()
+        self.h = n_heads
+        self.d_k = d_model // n_heads
+        self.s_d_k = math.sqrt(self.d_k)
+        self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        if pos_bias_u is None:
+            pos_bias_u = nn.Parameter(torch.zeros(n_heads, self.d_k))
+            pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
+        self.pos_bias_u = pos_bias_u
+        self.pos_bias_v = pos_bias_v
+
+    @staticmethod
+    def rel_shift(x: torch.Tensor) -> torch.Tensor:
+        b, h, qlen, pos_len = x.shape
+        x = F.pad(x, (1, 0)).view(b, h, -1, qlen)
+        return x[:, :, 1:].view(b, h, qlen, pos_len)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] queries; kv [B, C+T, d] (cache then x); mask [B, T, C+T], True = hidden."""
+        b = x.shape[0]
+        q = self.linear_q(x).view(b, -1, self.h, self.d_k)
+        k = self.linear_k(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
+        v = self.linear_v(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
+        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
+        q_u = (q + self.pos_bias_u).transpose(1, 2)
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        matrix_bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
+        matrix_ac = torch.matmul(q_u, k.transpose(-2, -1))
+        scores = (matrix_ac + matrix_bd[..., :matrix_ac.shape[-1]]) / self.s_d_k
+        mask = mask.unsqueeze(1)
+        attn = torch.softmax(scores.masked_fill(mask, -MASK_VALUE), dim=-1).masked_fill(mask, 0.0)
+        out = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(b, -1, self.h * self.d_k)
+        return self.linear_out(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Conformer layer
+# ------------------------------------------------------------------------------------------
+class ConformerFeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, use_bias: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.silu(self.linear1(x))))
+
+
+class ConformerConvolution(nn.Module):
+    """Pointwise -> GLU -> causal depthwise (with a k-1 frame cache) -> norm -> Swish -> pointwise."""
+
+    def __init__(self, d_model: int, kernel_size: int, norm_type: str, use_bias: bool):
+        super().__init__()
+        self.cache_size = kernel_size - 1
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, bias=use_bias)
+        if norm_type == "layer_norm":
+            self.batch_norm = nn.LayerNorm(d_model)
+        elif norm_type == "batch_norm":
+            self.batch_norm = nn.BatchNorm1d(d_model)
+        else:
+            raise ModelConfigError(f"conv_norm_type={norm_type!r} is not supported")
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, cache: torch.Tensor | None = None,
+                keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, d]; cache [B, d, k-1] of the inputs before x.  Returns (out, new cache)."""
+        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
+        x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+        x = torch.cat([cache, x], dim=2) if cache is not None else F.pad(x, (self.cache_size, 0))
+        new_cache = None
+        if cache is not None:
+            end = self.cache_size + (x.shape[2] - self.cache_size if keep is None else keep)
+            new_cache = x[:, :, end - self.cache_size:end]
+        x = self.depthwise_conv(x)
+        if isinstance(self.batch_norm, nn.LayerNorm):
+            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = self.batch_norm(x)
+        return self.pointwise_conv2(F.silu(x)).transpose(1, 2), new_cache
+
+
+class ConformerLayer(nn.Module):
+    def __init__(self, cfg: EncoderConfig, pos_bias_u=None, pos_bias_v=None):
+        super().__init__()
+        d = cfg.d_model
+        self.norm_feed_forward1 = nn.LayerNorm(d)
+        self.feed_forward1 = ConformerFeedForward(d, d * cfg.ff_expansion_factor, cfg.dropout, cfg.use_bias)
+        self.norm_conv = nn.LayerNorm(d)
+        self.conv = ConformerConvolution(d, cfg.conv_kernel_size, cfg.conv_norm_type, cfg.use_bias)
+        self.norm_self_att = nn.LayerNorm(d)
+        self.self_attn = RelPositionMultiHeadAttention(cfg.n_heads, d, cfg.dropout_att, cfg.use_bias,
+                                                       pos_bias_u, pos_bias_v)
+        self.norm_feed_forward2 = nn.LayerNorm(d)
+        self.feed_forward2 = ConformerFeedForward(d, d * cfg.ff_expansion_factor, cfg.dropout, cfg.use_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm_out = nn.LayerNorm(d)
+
+    def forward(self, x, att_mask, pos_emb, pad_mask, att_cache=None, conv_cache=None, keep=None):
+        """Returns (x, new attention cache, new conv cache); the caches are None offline."""
+        residual = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
+        x = self.norm_self_att(residual)
+        kv = x if att_cache is None else torch.cat([att_cache, x], dim=1)
+        new_att_cache = None
+        if att_cache is not None:  # the cache holds attention inputs of the last C kept frames
+            end = kv.shape[1] - x.shape[1] + (x.shape[1] if keep is None else keep)
+            new_att_cache = kv[:, end - att_cache.shape[1]:end]
+        residual = residual + self.dropout(self.self_attn(x, kv, att_mask, pos_emb))
+        x, new_conv_cache = self.conv(self.norm_conv(residual), pad_mask, conv_cache, keep)
+        residual = residual + self.dropout(x)
+        residual = residual + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(residual)))
+        return self.norm_out(residual), new_att_cache, new_conv_cache
+
+
+# ------------------------------------------------------------------------------------------
+# Encoder
+# ------------------------------------------------------------------------------------------
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_valid: torch.Tensor, k_valid: torch.Tensor,
+                   context: tuple[int, int], style: str) -> torch.Tensor:
+    """NeMo's streaming mask from absolute frame positions; True where attention is hidden.
+
+    q_pos [B, T], k_pos [B, S] absolute frame indices; *_valid mark real (not padded) frames.
+    """
+    left, right = context
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    if style == "chunked_limited":
+        size = right + 1
+        diff = torch.div(q, size, rounding_mode="floor") - torch.div(k, size, rounding_mode="floor")
+        visible = (diff >= 0) & (diff <= left // size)
+    else:
+        visible = (k >= q - left) & (k <= q + right)
+    visible = visible & q_valid[:, :, None] & k_valid[:, None, :]
+    return ~visible
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_encode = ConvSubsampling(cfg)
+        if not cfg.untie_biases:
+            d_k = cfg.d_model // cfg.n_heads
+            self.pos_bias_u = nn.Parameter(torch.zeros(cfg.n_heads, d_k))
+            self.pos_bias_v = nn.Parameter(torch.zeros(cfg.n_heads, d_k))
+        self.pos_enc = RelPositionalEncoding(cfg.d_model, cfg.pos_emb_max_len,
+                                             math.sqrt(cfg.d_model) if cfg.xscaling else None,
+                                             cfg.dropout_pre_encoder, cfg.dropout_emb)
+        shared = (None, None) if cfg.untie_biases else (self.pos_bias_u, self.pos_bias_v)
+        self.layers = nn.ModuleList(ConformerLayer(cfg, *shared) for _ in range(cfg.n_layers))
+        self.out_proj = nn.Linear(cfg.d_model, cfg.feat_out) if 0 < cfg.feat_out != cfg.d_model else None
+
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.feat_out if self.out_proj is not None else self.cfg.d_model
+
+    def forward(self, mel: torch.Tensor, lengths: torch.Tensor, context: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole utterances: mel [B, feat, T] -> encoded [B, T', d], lengths [B]."""
+        context = tuple(context or self.cfg.att_context_size[0])
+        x, lengths = self.pre_encode(mel.transpose(1, 2), lengths)
+        x, pos_emb = self.pos_enc(x)
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        valid = pos < lengths[:, None]
+        att_mask = attention_mask(pos, pos, valid, valid, context, self.cfg.att_context_style)
+        for layer in self.layers:
+            x, _, _ = layer(x, att_mask, pos_emb, ~valid)
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        return x, lengths
+
+    def stream(self, x: torch.Tensor, lengths: torch.Tensor, frames_done: torch.Tensor,
+               att_cache: torch.Tensor, conv_cache: torch.Tensor, context: tuple[int, int], keep: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk of subsampled frames for B streams.
+
+        x [B, T, d] (already through `pre_encode`), lengths [B] valid frames, frames_done [B]
+        frames each stream committed before, att_cache [B, L, C, d], conv_cache [B, L, d, k-1].
+        `keep` frames of the chunk enter the caches (None: all).  Returns the encoded chunk and
+        the new caches.
+        """
+        b, t, _ = x.shape
+        cache_len = att_cache.shape[2]
+        x, pos_emb = self.pos_enc(x, cache_len=cache_len)
+        q_pos = frames_done[:, None] + torch.arange(t, device=x.device)[None, :]
+        k_pos = frames_done[:, None] + torch.arange(-cache_len, t, device=x.device)[None, :]
+        q_valid = q_pos < (frames_done + lengths)[:, None]
+        k_valid = (k_pos >= 0) & (k_pos < (frames_done + lengths)[:, None])
+        att_mask = attention_mask(q_pos, k_pos, q_valid, k_valid, context, self.cfg.att_context_style)
+        new_att = torch.empty_like(att_cache)
+        new_conv = torch.empty_like(conv_cache)
+        for i, layer in enumerate(self.layers):
+            x, new_att[:, i], new_conv[:, i] = layer(x, att_mask, pos_emb, ~q_valid, att_cache[:, i],
+                                                     conv_cache[:, i], keep)
+        if self.out_proj is not None:
+            x = self.out_proj(x)
+        return x, new_att, new_conv

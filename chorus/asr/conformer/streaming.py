@@ -1,0 +1,222 @@
+"""Cache-aware streaming of a FastConformer over the shared slot pool.
+
+Per stream, the pool slot holds everything the next chunk needs (DESIGN: FastConformer state):
+the last 9 mel frames for the causal subsampling, per-layer attention-input and conv caches,
+counters, the RNNT predictor state and the last CTC label.  `ConformerStreamer.step` advances
+a batch of streams of one attention-context setting by one chunk: one `index_select` per state
+tensor, one forward, one `index_copy_` back.
+
+Streaming equals the offline forward with the same mask (law 1).  Where NeMo's own streaming
+buffer deviates from its offline forward we follow the offline maths:
+  * with fewer than 9 mel frames of history (the 2nd chunk at lookahead 0) NeMo pads the
+    subsampling cache with zero *features*; we run the subsampler from the stream start;
+  * NeMo drops a final tail shorter than 8 mel frames; we encode it, as offline does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...cache import SlotPool, StateSpec, TensorSpec
+from ...stream.chunking import ChunkPlan
+from .asr_model import FastConformerModel
+from .decoding import ctc_greedy, rnnt_greedy
+
+FRAME_MS = 10  # mel hop; NeMo streaming models use 10 ms
+
+
+@dataclass(frozen=True)
+class StreamSetting:
+    """One attention-context setting and the chunk geometry it implies (NeMo streaming_cfg)."""
+
+    context: tuple[int, int]
+    plan: ChunkPlan
+    out_frames: int | None  # encoder frames committed per step; None = all the chunk produced
+    lookahead_ms: int
+    chunk_ms: int
+
+
+def stream_setting(model: FastConformerModel, context: tuple[int, int]) -> StreamSetting:
+    cfg = model.spec.encoder
+    factor = cfg.subsampling_factor
+    left, right = context
+    if cfg.att_context_style == "chunked_limited":
+        lookahead = right
+        plan = ChunkPlan(1 + factor * lookahead, factor + factor * lookahead,
+                         1 + factor * lookahead, factor + factor * lookahead)
+        out_frames = None
+    else:  # regular: the receptive field grows by `right` frames per layer; advance one frame
+        lookahead = right * cfg.n_layers
+        plan = ChunkPlan(1 + factor * lookahead, factor + factor * lookahead, 1, factor)
+        out_frames = 1
+    frame_ms = FRAME_MS * factor
+    return StreamSetting(context, plan, out_frames, lookahead_ms=frame_ms * lookahead,
+                         chunk_ms=frame_ms * (right + 1) if out_frames is None else frame_ms)
+
+
+def conformer_state_spec(model: FastConformerModel) -> StateSpec:
+    enc = model.spec.encoder
+    d = model.encoder.cfg.d_model
+    cache_frames = enc.subsampling_factor + 1
+    tensors = dict(
+        mel_cache=TensorSpec((cache_frames, enc.feat_in)),
+        mel_seen=TensorSpec((), torch.long),
+        frames_done=TensorSpec((), torch.long),
+        att_cache=TensorSpec((enc.n_layers, enc.max_left_context, d)),
+        conv_cache=TensorSpec((enc.n_layers, d, enc.conv_kernel_size - 1)),
+    )
+    if model.joint is not None:
+        r = model.spec.rnnt
+        tensors.update(
+            pred_h=TensorSpec((r.pred_rnn_layers, r.pred_hidden)),
+            pred_c=TensorSpec((r.pred_rnn_layers, r.pred_hidden)),
+            pred_out=TensorSpec((r.pred_hidden,)),
+        )
+    if model.ctc_decoder is not None:
+        tensors["ctc_last"] = TensorSpec((), torch.long, fill=model.blank)
+    return StateSpec(**tensors)
+
+
+@dataclass
+class StepResult:
+    """What one stream got from a step."""
+
+    tokens: list[int]        # new token ids
+    token_frames: list[int]  # encoder frame index of each new token
+    frames_done: int         # encoder frames committed so far
+    encoded: torch.Tensor    # [emitted frames, d] encoder output of this step
+
+
+class ConformerStreamer:
+    """Owns a model's slot pool and steps batches of its streams."""
+
+    def __init__(self, model: FastConformerModel, *, slots: int | None = None,
+                 memory_budget: int | None = None, device: str | torch.device = "cpu", name: str = "conformer"):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.spec = conformer_state_spec(model)
+        if slots is None and memory_budget is None:
+            slots = 64
+        self.pool = SlotPool(name, self.spec, slots=slots, memory_budget=memory_budget, device=self.device)
+        self.settings = {tuple(c): stream_setting(model, tuple(c)) for c in model.spec.encoder.att_context_size}
+        self._sos = self._sos_state() if model.joint is not None else None
+
+    def setting(self, context: tuple[int, int]) -> StreamSetting:
+        if tuple(context) not in self.settings:
+            raise ValueError(f"attention context {list(context)} is not one of the model's "
+                             f"{[list(c) for c in self.settings]}")
+        return self.settings[tuple(context)]
+
+    def setting_for_lookahead(self, lookahead_ms: int | None) -> StreamSetting:
+        if lookahead_ms is None:
+            return self.settings[tuple(self.model.spec.encoder.att_context_size[0])]
+        for s in self.settings.values():
+            if s.lookahead_ms == lookahead_ms:
+                return s
+        raise ValueError(f"lookahead {lookahead_ms} ms is not offered by this model; "
+                         f"choose one of {sorted(s.lookahead_ms for s in self.settings.values())}")
+
+    # -- stream lifetime -------------------------------------------------------------------
+    def open(self) -> int:
+        slot = self.pool.acquire()
+        if self._sos is not None:
+            idx = self.pool.index([slot])
+            self.pool.write(idx, {k: v.unsqueeze(0) for k, v in self._sos.items()})
+        return slot
+
+    def close(self, slot: int) -> None:
+        self.pool.release(slot)
+
+    @torch.no_grad()
+    def _sos_state(self) -> dict[str, torch.Tensor]:
+        """Predictor state after the start symbol: the same for every fresh stream."""
+        pred = self.model.decoder
+        sos = torch.full((1,), pred.blank, dtype=torch.long, device=self.device)
+        out, (h, c) = pred.step(sos, pred.initial_state(1, self.device))
+        return {"pred_h": h[:, 0], "pred_c": c[:, 0], "pred_out": out[0]}
+
+    # -- the batched step ------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, slots: list[int], chunks: list[torch.Tensor], consumed: list[int],
+             setting: StreamSetting, decoders: list[str]) -> list[StepResult]:
+        """Advance streams by one chunk each.
+
+        chunks[b] is [frames, n_mels] (at most the plan's size), consumed[b] how many of those
+        frames this step consumes; all streams share `setting`; decoders[b] is "rnnt" or "ctc".
+        """
+        model, enc_cfg = self.model, self.model.spec.encoder
+        dev = self.device
+        idx = self.pool.index(slots)
+        state = self.pool.read(idx)
+        b = len(slots)
+        chunk_len = torch.tensor([c.shape[0] for c in chunks], device=dev)
+        width = int(chunk_len.max())
+        padded = torch.zeros(b, width, enc_cfg.feat_in, device=dev)
+        for i, c in enumerate(chunks):  # assembling the input batch; the pool is not touched here
+            padded[i, :c.shape[0]] = c.to(dev)
+        consumed_t = torch.tensor(consumed, device=dev)
+
+        # Subsampling input: the valid cached history frames, then the chunk, left-aligned.
+        mel_cache = state["mel_cache"]
+        cache_frames = mel_cache.shape[1]
+        history = state["mel_seen"].clamp(max=cache_frames)
+        full = torch.cat([mel_cache, padded], dim=1)
+        pos = torch.arange(full.shape[1], device=dev)[None, :] + (cache_frames - history)[:, None]
+        x = full.gather(1, pos.clamp(max=full.shape[1] - 1)[:, :, None].expand(-1, -1, full.shape[2]))
+        sub, sub_len = model.encoder.pre_encode(x, history + chunk_len)
+
+        # Outputs before `drop` were emitted by earlier steps (NeMo drops 2 with a full cache).
+        drop_full = 1 + (cache_frames - 1) // enc_cfg.subsampling_factor
+        drop = torch.where(history == cache_frames, torch.full_like(history, drop_full), state["frames_done"])
+        produced = (sub_len - drop).clamp(min=0)
+        t_out = max(int(produced.max()), 1)
+        rows = (drop[:, None] + torch.arange(t_out, device=dev)[None, :]).clamp(max=sub.shape[1] - 1)
+        chunk_in = sub.gather(1, rows[:, :, None].expand(-1, -1, sub.shape[2]))
+
+        encoded, att_cache, conv_cache = model.encoder.stream(
+            chunk_in, produced, state["frames_done"], state["att_cache"], state["conv_cache"],
+            setting.context, setting.out_frames)
+        emitted = produced if setting.out_frames is None else produced.clamp(max=setting.out_frames)
+
+        keep_pos = consumed_t[:, None] + torch.arange(cache_frames, device=dev)[None, :]
+        new_state = {
+            "mel_cache": full.gather(1, keep_pos[:, :, None].expand(-1, -1, full.shape[2])),
+            "mel_seen": state["mel_seen"] + consumed_t,
+            "frames_done": state["frames_done"] + emitted,
+            "att_cache": att_cache,
+            "conv_cache": conv_cache,
+        }
+        tokens = torch.full((b, t_out, 1), -1, dtype=torch.long, device=dev)
+        use_ctc = torch.tensor([d == "ctc" for d in decoders], device=dev)
+        if bool(use_ctc.any()):
+            sel = use_ctc.nonzero()[:, 0]
+            labels, keep, last = ctc_greedy(model.ctc_decoder(encoded[sel]), emitted[sel], state["ctc_last"][sel])
+            tokens[sel, :, 0] = labels.masked_fill(~keep, -1)
+            new_state["ctc_last"] = state["ctc_last"].index_copy(0, sel, last)
+        if bool((~use_ctc).any()):
+            sel = (~use_ctc).nonzero()[:, 0]
+            h = state["pred_h"][sel].transpose(0, 1).contiguous()
+            c = state["pred_c"][sel].transpose(0, 1).contiguous()
+            rnnt_tokens, (h, c), out = rnnt_greedy(model.joint, model.decoder, encoded[sel], emitted[sel],
+                                                  (h, c), state["pred_out"][sel], model.spec.rnnt.max_symbols)
+            if rnnt_tokens.shape[2] > tokens.shape[2]:
+                tokens = torch.cat([tokens, tokens.new_full((b, t_out, rnnt_tokens.shape[2] - 1), -1)], dim=2)
+            tokens[sel] = rnnt_tokens
+            new_state["pred_h"] = state["pred_h"].index_copy(0, sel, h.transpose(0, 1))
+            new_state["pred_c"] = state["pred_c"].index_copy(0, sel, c.transpose(0, 1))
+            new_state["pred_out"] = state["pred_out"].index_copy(0, sel, out)
+        self.pool.write(idx, new_state)
+        return self._results(tokens, state["frames_done"], new_state["frames_done"], encoded, emitted)
+
+    @staticmethod
+    def _results(tokens, frames_before, frames_after, encoded, emitted) -> list[StepResult]:
+        b, t_out, s = tokens.shape
+        frame_idx = (frames_before[:, None] + torch.arange(t_out, device=tokens.device)[None, :])
+        frame_idx = frame_idx[:, :, None].expand(b, t_out, s)
+        found = tokens >= 0
+        results = []
+        for i in range(b):  # handing each stream its own results
+            results.append(StepResult(tokens[i][found[i]].tolist(), frame_idx[i][found[i]].tolist(),
+                                      int(frames_after[i]), encoded[i, :int(emitted[i])]))
+        return results
