@@ -1,0 +1,142 @@
+"""One live recognition stream: audio in, growing hypothesis out.
+
+An `AsrStream` holds a slot in the model's pool and the stream's plumbing: resampling to the
+model rate, incremental features and chunking.  It never steps the model itself; whoever runs
+the model (the CLI loop, the server's scheduler) collects ready streams and steps them together
+with `step_streams`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..codecs.resample import StreamingResampler
+from ..stream.chunking import FrameChunker
+from ..stream.features import OnlineMel
+from .conformer.streaming import ConformerStreamer, StepResult, StreamSetting
+from .tokenizer import SentencePieceTokenizer
+
+
+@dataclass
+class Token:
+    id: int
+    frame: int  # encoder frame index
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[Token] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+
+class AsrStream:
+    def __init__(self, engine: ConformerStreamer, tokenizer: SentencePieceTokenizer,
+                 setting: StreamSetting, decoder: str, sample_rate: int):
+        model = engine.model
+        if decoder not in model.decoders:
+            raise ValueError(f"decoder {decoder!r} is not available; this model has {list(model.decoders)}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.setting = setting
+        self.decoder = decoder
+        self.model_rate = model.spec.mel.sample_rate
+        self.frame_seconds = model.spec.mel.hop_length / self.model_rate * model.spec.encoder.subsampling_factor
+        self.resampler = StreamingResampler(sample_rate, self.model_rate)
+        self.features = OnlineMel(model.frontend)
+        self.chunker = FrameChunker(setting.plan, model.spec.mel.n_mels)
+        self.hypothesis = Hypothesis()
+        self.frames_done = 0
+        self.samples_in = 0
+        self.slot: int | None = engine.open()
+
+    # -- input -----------------------------------------------------------------------------
+    def accept_audio(self, samples: np.ndarray) -> None:
+        """Audio at the stream's sample rate, float32 mono."""
+        if self.chunker.finished:
+            raise RuntimeError("audio after the end of the stream")
+        self.samples_in += len(samples)
+        self.chunker.push(self.features.accept(self.resampler.process(samples)))
+
+    def finish(self) -> None:
+        """No more audio: flush the resampler and the feature front end."""
+        if self.chunker.finished:
+            return
+        tail = self.resampler.flush()
+        self.chunker.push(self.features.accept(tail))
+        self.chunker.push(self.features.finish())
+        self.chunker.finish()
+
+    # -- stepping --------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.slot is not None and self.chunker.ready()
+
+    @property
+    def done(self) -> bool:
+        """All audio received and encoded."""
+        return self.chunker.finished and self.chunker.pending == 0
+
+    def apply(self, result: StepResult) -> list[Token]:
+        new = [Token(i, f) for i, f in zip(result.tokens, result.token_frames)]
+        self.hypothesis.tokens.extend(new)
+        self.frames_done = result.frames_done
+        return new
+
+    # -- output ----------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.hypothesis.ids)
+
+    @property
+    def seconds_decoded(self) -> float:
+        return self.frames_done * self.frame_seconds
+
+    def close(self) -> None:
+        """Return the slot; safe to call more than once."""
+        if self.slot is not None:
+            self.engine.close(self.slot)
+            self.slot = None
+
+
+def step_streams(streams: list[AsrStream]) -> list[tuple[AsrStream, list[Token]]]:
+    """Step every ready stream once, batching those that share an engine and setting."""
+    groups: dict[tuple, list[AsrStream]] = {}
+    for s in streams:
+        if s.ready():
+            groups.setdefault((id(s.engine), s.setting.context), []).append(s)
+    out = []
+    for group in groups.values():
+        taken = [s.chunker.take() for s in group]
+        results = group[0].engine.step([s.slot for s in group], [c for c, _ in taken], [n for _, n in taken],
+                                       group[0].setting, [s.decoder for s in group])
+        out += [(s, s.apply(r)) for s, r in zip(group, results)]
+    return out
+
+
+def run_to_end(streams: list[AsrStream]) -> None:
+    """Step until every stream (already finished with input) is fully decoded."""
+    while any(s.ready() for s in streams):
+        step_streams(streams)
+
+
+@torch.no_grad()
+def transcribe_samples(engine: ConformerStreamer, tokenizer: SentencePieceTokenizer, samples: np.ndarray,
+                       sample_rate: int, setting: StreamSetting, decoder: str, piece_seconds: float = 0.02
+                       ) -> AsrStream:
+    """Stream one recording through the live path in `piece_seconds` pieces; returns the closed stream."""
+    stream = AsrStream(engine, tokenizer, setting, decoder, sample_rate)
+    try:
+        piece = max(1, int(piece_seconds * sample_rate))
+        for i in range(0, len(samples), piece):
+            stream.accept_audio(samples[i:i + piece])
+            while stream.ready():
+                step_streams([stream])
+        stream.finish()
+        run_to_end([stream])
+    finally:
+        stream.close()
+    return stream

@@ -1,0 +1,135 @@
+"""Transcribe files through the live streaming path (what `chorus transcribe` runs).
+
+Each file becomes a stream fed in 20 ms pieces, exactly as a WebSocket client's audio would
+arrive; several files are open at once, so their chunks are stepped as one batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..codecs import read_audio
+from .conformer.checkpoint import LoadedModel, load_fastconformer
+from .conformer.streaming import ConformerStreamer
+from .streams import AsrStream, step_streams
+
+PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_NAME = "default_asr.nemo"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> Path:
+    return PACKAGE_MODELS / DEFAULT_MODEL_NAME
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        path = default_model_path()
+        if not path.exists():
+            raise ModelNotFound(f"the bundled default model {path} is missing; pass --model PATH to a .nemo file")
+    return Path(path)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class FileResult:
+    file: str
+    text: str
+    tokens: list[int]
+    words: list[dict]
+    decoder: str
+    lookahead_ms: int
+    duration: float
+    error: str | None = None
+
+    def as_json(self) -> dict:
+        out = {"file": self.file, "text": self.text, "tokens": self.tokens, "words": self.words,
+               "decoder": self.decoder, "lookahead_ms": self.lookahead_ms, "duration": round(self.duration, 3)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def word_times(stream: AsrStream) -> list[dict]:
+    """Words with start/end seconds from the encoder frames of their tokens."""
+    words: list[dict] = []
+    tok = stream.tokenizer
+    for t in stream.hypothesis.tokens:
+        start = t.frame * stream.frame_seconds
+        if not words or tok.starts_word(t.id):
+            words.append({"ids": [t.id], "start": start})
+        else:
+            words[-1]["ids"].append(t.id)
+        words[-1]["end"] = start + stream.frame_seconds
+    out = []
+    for w in words:
+        text = tok.decode(w["ids"]).strip()
+        if text:
+            out.append({"word": text, "start": round(w["start"], 3), "end": round(w["end"], 3)})
+    return out
+
+
+def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iterable[str], *,
+                     lookahead_ms: int | None, decoder: str | None, concurrency: int = 8,
+                     on_chunk: Callable[[str, AsrStream], None] | None = None) -> Iterator[FileResult]:
+    """Yield a result per file (in input order) as soon as it is complete."""
+    setting = engine.setting_for_lookahead(lookahead_ms)
+    decoder = decoder or loaded.model.default_decoder
+    pending = list(files)
+    active: list[tuple[str, AsrStream, object, int]] = []  # file, stream, audio, next sample
+    done: dict[int, FileResult] = {}
+    order = {f: i for i, f in enumerate(pending)}
+    next_out = 0
+    piece_seconds = 0.1  # any piece size gives the same result (features are exact incrementally)
+    with torch.no_grad():
+        while pending or active:
+            while pending and len(active) < concurrency:
+                name = pending.pop(0)
+                try:
+                    audio, rate = read_audio(name)
+                    stream = AsrStream(engine, loaded.tokenizer, setting, decoder, rate)
+                except Exception as exc:  # a bad file ends that file's result, not the run
+                    done[order[name]] = FileResult(name, "", [], [], decoder, setting.lookahead_ms, 0.0, str(exc))
+                    continue
+                active.append([name, stream, (audio, rate), 0])
+            for item in active:  # feed each open stream one piece, as a live client would
+                name, stream, (audio, rate), pos = item
+                if not stream.chunker.finished:
+                    piece = max(1, int(piece_seconds * rate))
+                    stream.accept_audio(audio[pos:pos + piece])
+                    item[3] = pos + piece
+                    if item[3] >= len(audio):
+                        stream.finish()
+            stepped = step_streams([s for _, s, _, _ in active])
+            if on_chunk:
+                for stream, _ in stepped:
+                    on_chunk(next(n for n, s, _, _ in active if s is stream), stream)
+            still = []
+            for item in active:
+                name, stream, (audio, rate), _ = item
+                if stream.done:
+                    stream.close()
+                    done[order[name]] = FileResult(name, stream.text, stream.hypothesis.ids, word_times(stream),
+                                                   decoder, setting.lookahead_ms, len(audio) / rate)
+                else:
+                    still.append(item)
+            active = still
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+
+
+def load_model(path: str | os.PathLike | None, device: str | None = None) -> LoadedModel:
+    return load_fastconformer(resolve_model_path(path), pick_device(device))
