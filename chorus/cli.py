@@ -1,4 +1,4 @@
-"""chorus command line: `chorus transcribe`, `chorus serve`, `chorus eval`."""
+"""chorus command line: `chorus transcribe`, `chorus eval`, `chorus serve`."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,70 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .asr.conformer.streaming import ConformerStreamer
+    from .asr.evaluate import read_manifest, score_manifest
+    from .asr.transcribe import load_model
+
+    loaded = load_model(args.model, args.device)
+    engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
+    lookaheads = [None] if args.lookahead_ms is None else [int(x) for x in args.lookahead_ms.split(",")]
+    decoders = [args.decoder] if args.decoder else list(loaded.model.decoders)
+    scores = []
+    for manifest in args.manifests:
+        n = len(read_manifest(manifest, args.limit))
+        for lookahead in lookaheads:
+            for decoder in decoders:
+                with tqdm(total=n, unit="utt", desc=f"{manifest} {lookahead}ms {decoder}", file=sys.stderr,
+                          disable=not sys.stderr.isatty(), leave=False) as bar:
+                    score = score_manifest(loaded, engine, manifest, lookahead_ms=lookahead, decoder=decoder,
+                                           limit=args.limit, concurrency=args.concurrency, progress=bar.update)
+                scores.append(score)
+                if args.json:
+                    print(json.dumps(score.as_json()), flush=True)
+    if not args.json:
+        print(f"{'manifest':40} {'lookahead':>9} {'decoder':>7} {'utts':>5} {'WER':>7} {'CER':>7}")
+        for s in scores:
+            print(f"{s.manifest[-40:]:40} {s.lookahead_ms:>7}ms {s.decoder:>7} {s.utterances:>5} "
+                  f"{100 * s.wer:6.2f}% {100 * s.cer:6.2f}%")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+
+    from .asr.transcribe import load_model
+    from .server.app import AsrServer, ServerConfig
+    from .server.registry import ModelRegistry
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = ModelRegistry()
+    models = [("default", args.model)] + [tuple(spec.split("=", 1)) for spec in args.add_model]
+    for name, path in models:
+        loaded = load_model(path, args.device)
+        registry.add(name, loaded, slots=args.slots, device=loaded.model.device)
+    tokens = tuple(t for t in (args.token or []) if t)
+    if os.environ.get("CHORUS_TOKEN"):
+        tokens += (os.environ["CHORUS_TOKEN"],)
+    config = ServerConfig(host=args.host, port=args.port, max_frame_bytes=args.max_frame_bytes,
+                          max_connections=args.max_connections, max_session_seconds=args.max_session_seconds,
+                          idle_timeout=args.idle_timeout, auth_tokens=tokens,
+                          allowed_origins=tuple(args.allowed_origin or ()), batch_wait_ms=args.batch_wait_ms,
+                          max_batch=args.max_batch)
+    server = AsrServer(registry, config)
+    print(f"chorus: ws://{args.host}:{args.port}/asr  (browser demo: http://{args.host}:{args.port}/)",
+          file=sys.stderr, flush=True)
+    try:
+        asyncio.run(server.serve_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="real-time streaming speech recognition")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print one JSON object per file")
     t.add_argument("--concurrency", type=int, default=8, help="files streamed (and batched) at once")
     t.set_defaults(func=cmd_transcribe)
+
+    e = sub.add_parser("eval", help="WER/CER of the streaming path over NeMo-style JSON-lines manifests")
+    e.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _add_model_args(e)
+    e.add_argument("--lookahead-ms", default=None, metavar="MS[,MS...]",
+                   help="comma-separated lookaheads to score (default: the model's first setting)")
+    e.add_argument("--decoder", choices=["rnnt", "ctc"], default=None, help="default: every head of the model")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
+    e.add_argument("--concurrency", type=int, default=16, help="files streamed (and batched) at once")
+    e.add_argument("--json", action="store_true", help="one JSON object per score")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="run the WebSocket transcription server")
+    _add_model_args(s)
+    s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH",
+                   help="offer another .nemo under NAME (clients pick it with start.model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--slots", type=int, default=64, help="concurrent streams per model (state-pool slots)")
+    s.add_argument("--max-connections", type=int, default=256)
+    s.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-session-seconds", type=float, default=4 * 3600)
+    s.add_argument("--idle-timeout", type=float, default=30.0)
+    s.add_argument("--token", action="append", help="require this bearer token (also $CHORUS_TOKEN)")
+    s.add_argument("--allowed-origin", action="append", help="allow browser pages from this origin")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a step waits to fill its batch")
+    s.add_argument("--max-batch", type=int, default=64)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -4,6 +4,10 @@ import torch
 
 from chorus.cache import live_pools
 
+# The test models are tiny: one intra-op thread is faster and steadier than a thread pool
+# whose workers wait on busy cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def slots_returned():

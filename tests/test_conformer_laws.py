@@ -69,7 +69,7 @@ def test_law1_streaming_equals_offline(model, context, decoder, frames):
 def test_law1_model_variants(variant):
     model = tiny_model(seed=2, **variant)
     engine = ConformerStreamer(model, slots=2)
-    mel = random_mel(301, seed=7)
+    mel = random_mel(181, seed=7)
     for context in model.spec.encoder.att_context_size:
         for decoder in model.decoders:
             on_enc, on_tok = stream_alone(engine, mel, context, decoder)
@@ -92,9 +92,9 @@ def test_law2_batched_equals_alone(model):
     engine = ConformerStreamer(model, slots=8)
     rng = np.random.default_rng(0)
     plan = [  # (frames, start tick, context, decoder)
-        (410, 0, (70, 6), "rnnt"), (233, 0, (70, 6), "ctc"), (577, 3, (70, 6), "rnnt"),
-        (120, 5, (70, 6), "rnnt"), (350, 1, (70, 0), "ctc"), (298, 2, (70, 0), "rnnt"),
-        (64, 9, (70, 13), "ctc"), (500, 4, (70, 13), "rnnt"),
+        (210, 0, (70, 6), "rnnt"), (133, 0, (70, 6), "ctc"), (277, 3, (70, 6), "rnnt"),
+        (60, 5, (70, 6), "rnnt"), (150, 1, (70, 0), "ctc"), (128, 2, (70, 0), "rnnt"),
+        (34, 9, (70, 13), "ctc"), (250, 4, (70, 13), "rnnt"),
     ]
     mels = [random_mel(n, seed=100 + i) for i, (n, *_rest) in enumerate(plan)]
     expected = [stream_alone(engine, m, ctx, dec) for m, (_, _, ctx, dec) in zip(mels, plan)]
@@ -170,12 +170,12 @@ def test_many_audio_streams_through_step_streams(model):
     tokenizer = train_tokenizer()
     engine = ConformerStreamer(model, slots=4)
     rng = np.random.default_rng(4)
-    clips = [(rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32) for s in (1.3, 2.1, 0.4, 3.0)]
+    clips = [(rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32) for s in (0.9, 1.4, 0.4, 1.9)]
     alone = [transcribe_samples(engine, tokenizer, c, 16000, engine.setting((70, 1)), "ctc").hypothesis.ids
              for c in clips]
     streams = [AsrStream(engine, tokenizer, engine.setting((70, 1)), "ctc", 16000) for _ in clips]
     try:
-        for i in range(0, 48000, 320):
+        for i in range(0, 32000, 320):
             for s, c in zip(streams, clips):
                 if i < len(c):
                     s.accept_audio(c[i:i + 320])

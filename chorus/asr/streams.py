@@ -52,6 +52,7 @@ class AsrStream:
         self.hypothesis = Hypothesis()
         self.frames_done = 0
         self.samples_in = 0
+        self.sample_rate = sample_rate
         self.slot: int | None = engine.open()
 
     # -- input -----------------------------------------------------------------------------
@@ -90,6 +91,31 @@ class AsrStream:
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.hypothesis.ids)
+
+    def words(self, offset: float = 0.0) -> list[dict]:
+        """Words of the hypothesis with start/end seconds (from their tokens' encoder frames)."""
+        groups: list[dict] = []
+        for t in self.hypothesis.tokens:
+            if not groups or self.tokenizer.starts_word(t.id):
+                groups.append({"ids": [], "start": t.frame})
+            groups[-1]["ids"].append(t.id)
+            groups[-1]["end"] = t.frame + 1
+        out = []
+        for g in groups:
+            text = self.tokenizer.decode(g["ids"]).strip()
+            if text:
+                start, end = (self.audio_time(g[k]) for k in ("start", "end"))
+                out.append({"word": text, "start": round(offset + start, 3), "end": round(offset + end, 3)})
+        return out
+
+    @property
+    def audio_seconds(self) -> float:
+        return self.samples_in / self.sample_rate
+
+    def audio_time(self, frame: int) -> float:
+        """Seconds at an encoder frame boundary, never past the audio received (the last frames
+        of an utterance cover the zero padding of the features)."""
+        return min(frame * self.frame_seconds, self.audio_seconds)
 
     @property
     def seconds_decoded(self) -> float:

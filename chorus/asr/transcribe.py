@@ -62,25 +62,6 @@ class FileResult:
         return out
 
 
-def word_times(stream: AsrStream) -> list[dict]:
-    """Words with start/end seconds from the encoder frames of their tokens."""
-    words: list[dict] = []
-    tok = stream.tokenizer
-    for t in stream.hypothesis.tokens:
-        start = t.frame * stream.frame_seconds
-        if not words or tok.starts_word(t.id):
-            words.append({"ids": [t.id], "start": start})
-        else:
-            words[-1]["ids"].append(t.id)
-        words[-1]["end"] = start + stream.frame_seconds
-    out = []
-    for w in words:
-        text = tok.decode(w["ids"]).strip()
-        if text:
-            out.append({"word": text, "start": round(w["start"], 3), "end": round(w["end"], 3)})
-    return out
-
-
 def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iterable[str], *,
                      lookahead_ms: int | None, decoder: str | None, concurrency: int = 8,
                      on_chunk: Callable[[str, AsrStream], None] | None = None) -> Iterator[FileResult]:
@@ -121,7 +102,7 @@ def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iter
                 name, stream, (audio, rate), _ = item
                 if stream.done:
                     stream.close()
-                    done[order[name]] = FileResult(name, stream.text, stream.hypothesis.ids, word_times(stream),
+                    done[order[name]] = FileResult(name, stream.text, stream.hypothesis.ids, stream.words(),
                                                    decoder, setting.lookahead_ms, len(audio) / rate)
                 else:
                     still.append(item)
