@@ -1,0 +1,347 @@
+"""`chorus serve`: the WebSocket transcription server (websockets asyncio API).
+
+Routes on one port: `GET /asr` upgrades to the streaming protocol (docs/protocol.md);
+`/healthz`, `/metrics` (Prometheus) and `/` (the browser demo) are plain HTTP.  The event loop
+only moves bytes and messages; the `Scheduler` thread runs the models.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import http
+import itertools
+import logging
+import mimetypes
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..cache import PoolExhausted
+from .asr_session import AsrSession
+from .metrics import Counter, Gauge, Registry
+from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
+from .registry import ModelRegistry
+from .scheduler import Scheduler
+
+log = logging.getLogger("chorus.server")
+WEB_ROOT = Path(__file__).resolve().parents[2] / "demos" / "web"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_frame_bytes: int = 1 << 20          # larger binary/text frames close the stream with 1009
+    max_connections: int = 256
+    max_session_seconds: float = 4 * 3600.0  # wall-clock length of one connection
+    idle_timeout: float = 30.0               # seconds with neither audio nor keepalive
+    max_buffered_seconds: float = 10.0       # unprocessed audio per stream before we stop reading
+    max_pending_messages: int = 512          # results a client has not read before it is dropped
+    auth_tokens: tuple[str, ...] = ()        # bearer tokens; empty = no auth
+    allowed_origins: tuple[str, ...] = ()    # browser Origin allow-list; empty = any
+    batch_wait_ms: float = 10.0
+    max_batch: int = 64
+    web_root: Path | None = field(default_factory=lambda: WEB_ROOT if WEB_ROOT.exists() else None)
+
+
+class AsrServer:
+    def __init__(self, registry: ModelRegistry, config: ServerConfig | None = None):
+        self.registry = registry
+        self.config = config or ServerConfig()
+        self.metrics = Registry()
+        self.scheduler = Scheduler(self.metrics, batch_wait_ms=self.config.batch_wait_ms,
+                                   max_batch=self.config.max_batch, on_failure=self._on_session_failure)
+        self._ids = itertools.count(1)
+        self.connections = 0
+        self._sessions: dict[str, tuple[AsrSession, "_Outbox"]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.errors = self.metrics.add(Counter("chorus_errors_total", "Streams ended by an error", ("code",)))
+        self.streams_total = self.metrics.add(Counter("chorus_streams_total", "Streams started", ("model",)))
+        self.metrics.add(Gauge("chorus_open_streams", "Streams open now", ("model",),
+                               lambda: {e.name: e.engine.pool.used for e in registry.entries()}))
+        self.metrics.add(Gauge("chorus_slots", "State-pool slots per model", ("model", "state"), self._slot_stats))
+        self.metrics.add(Gauge("chorus_connections", "Open WebSocket connections", (),
+                               lambda: {(): self.connections}))
+        self._server = None
+
+    def _slot_stats(self) -> dict:
+        out = {}
+        for e in self.registry.entries():
+            out[(e.name, "used")] = e.engine.pool.used
+            out[(e.name, "free")] = e.engine.pool.free
+        return out
+
+    # -- lifetime ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.scheduler.start()
+        cfg = self.config
+        self._server = await serve(
+            self._handle, cfg.host, cfg.port, process_request=self._process_request, compression=None,
+            max_size=2 * cfg.max_frame_bytes, max_queue=8,  # past 2x the library itself closes with 1009
+            origins=[None, *cfg.allowed_origins] if cfg.allowed_origins else None)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.scheduler.stop()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        log.info("chorus serving %s on ws://%s:%d/asr", self.registry.names(), self.config.host, self.port)
+        await self._server.serve_forever()
+
+    # -- plain HTTP --------------------------------------------------------------------------
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urllib.parse.urlsplit(request.path)
+        path = url.path
+        if path == "/healthz":
+            return _response(200, "ok\n", "text/plain")
+        if path == "/metrics":
+            return _response(200, self.metrics.render(), "text/plain; version=0.0.4")
+        if path == "/asr":
+            if not self._authorized(request, url):
+                return _response(401, "missing or wrong bearer token\n", "text/plain")
+            if self.connections >= self.config.max_connections:
+                return _response(503, "too many connections, try again later\n", "text/plain")
+            return None  # continue with the WebSocket handshake
+        if path == "/models":
+            import json
+            return _response(200, json.dumps([e.describe() for e in self.registry.entries()]), "application/json")
+        return self._static(path)
+
+    def _authorized(self, request: Request, url) -> bool:
+        if not self.config.auth_tokens:
+            return True
+        given = None
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        else:  # browsers cannot set headers on a WebSocket: accept ?token=
+            given = urllib.parse.parse_qs(url.query).get("token", [None])[0]
+        return given is not None and any(hmac.compare_digest(given, t) for t in self.config.auth_tokens)
+
+    def _static(self, path: str) -> Response:
+        root = self.config.web_root
+        if root is None:
+            return _response(404, "no web demo here\n", "text/plain")
+        name = "index.html" if path in ("", "/") else path.lstrip("/")
+        target = (root / name).resolve()
+        if root.resolve() not in target.parents or not target.is_file():
+            return _response(404, "not found\n", "text/plain")
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return _response(200, target.read_bytes(), ctype)
+
+    # -- the streaming protocol --------------------------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        session: AsrSession | None = None
+        outbox = _Outbox(ws, self.config.max_pending_messages)
+        writer = asyncio.create_task(outbox.run())
+        started = time.monotonic()
+        try:
+            while True:
+                remaining = self.config.max_session_seconds - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise ProtocolError("session_limit", f"session longer than {self.config.max_session_seconds:g} s")
+                try:
+                    message = await asyncio.wait_for(ws.recv(), timeout=min(self.config.idle_timeout, remaining))
+                except asyncio.TimeoutError:
+                    if time.monotonic() - started >= self.config.max_session_seconds:
+                        continue
+                    raise ProtocolError("idle_timeout",
+                                        f"no audio or keepalive for {self.config.idle_timeout:g} s") from None
+                if outbox.failed:
+                    raise ProtocolError("too_slow", "the client is not reading results")
+                if len(message) > self.config.max_frame_bytes:
+                    raise ProtocolError("frame_too_large", f"frame of {len(message)} bytes exceeds the limit of "
+                                                           f"{self.config.max_frame_bytes} bytes")
+                if isinstance(message, bytes):
+                    if session is None:
+                        raise ProtocolError("not_started", "audio before start")
+                    if len(message):
+                        session.push_audio(message)
+                        self.scheduler.notify()
+                        while session.buffered_seconds > self.config.max_buffered_seconds and not outbox.failed:
+                            await asyncio.sleep(0.01)  # backpressure: stop reading until the model catches up
+                    continue
+                msg = parse_text(message)
+                kind = msg["type"]
+                if kind == "start":
+                    if session is not None:
+                        raise ProtocolError("already_started", "the stream is already started")
+                    session = await self._start(msg, outbox)
+                elif kind == "keepalive":
+                    continue
+                elif kind in ("finalize", "stop"):
+                    if session is None:
+                        raise ProtocolError("not_started", f"{kind} before start")
+                    done = await self._flush(session, kind)
+                    if kind == "stop":
+                        await asyncio.wait_for(done, timeout=60)
+                        await outbox.drain()
+                        await ws.close(1000, "stopped")
+                        return
+                else:
+                    raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+        except ProtocolError as exc:
+            self.errors.inc(1, exc.code)
+            await outbox.fail_with(exc)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # keep the server up; tell the client
+            log.exception("connection handler failed")
+            err = ProtocolError("internal", f"server error: {type(exc).__name__}")
+            self.errors.inc(1, err.code)
+            await outbox.fail_with(err)
+        finally:
+            if session is not None:
+                self._sessions.pop(session.id, None)
+                self.scheduler.submit(lambda s=session: self._drop(s))
+            writer.cancel()
+            self.connections -= 1
+
+    async def _start(self, msg: dict, outbox: "_Outbox") -> AsrSession:
+        req = parse_start(msg)
+        entry = self.registry.get(req.model)
+        if entry is None:
+            raise ProtocolError("unknown_model", f"unknown model {req.model!r}; available: {self.registry.names()}")
+        model = entry.loaded.model
+        decoder = req.decoder or model.default_decoder
+        if decoder not in model.decoders:
+            raise ProtocolError("unsupported_option", f"decoder {decoder!r} not offered; use {list(model.decoders)}")
+        try:
+            setting = entry.engine.setting_for_lookahead(req.lookahead_ms)
+        except ValueError as exc:
+            raise ProtocolError("unsupported_option", str(exc)) from None
+        stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        session = AsrSession(stream_id, req, entry, decoder, setting.lookahead_ms, outbox.post_threadsafe(self.loop))
+        opened = self.loop.create_future()
+
+        def open_on_thread():
+            try:
+                session.open()
+            except PoolExhausted:
+                self.loop.call_soon_threadsafe(_settle, opened, False)
+                return
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                self.loop.call_soon_threadsafe(_settle, opened, exc)
+                return
+            self.scheduler.sessions.add(session)
+            self.loop.call_soon_threadsafe(_settle, opened, True)
+
+        self.scheduler.submit(open_on_thread)
+        result = await opened
+        if result is False:
+            raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of model "
+                                              f"{entry.name!r} are busy; try again later")
+        if isinstance(result, Exception):
+            raise ProtocolError("internal", f"could not open the stream: {result}")
+        self._sessions[stream_id] = (session, outbox)
+        self.streams_total.inc(1, entry.name)
+        outbox.send({"type": "ready", "protocol": PROTOCOL, "stream_id": stream_id, "model": entry.name,
+                     "sample_rate": req.sample_rate, "encoding": req.encoding, "decoder": decoder,
+                     "lookahead_ms": setting.lookahead_ms, "chunk_ms": setting.chunk_ms,
+                     "interim_results": req.interim_results, "word_times": req.word_times,
+                     "endpointing": req.endpointing.as_json()})
+        return session
+
+    async def _flush(self, session: AsrSession, kind: str) -> asyncio.Future:
+        done = self.loop.create_future()
+        session.push_flush(kind, lambda k: self.loop.call_soon_threadsafe(_settle, done, k))
+        self.scheduler.notify()
+        return done
+
+    def _drop(self, session: AsrSession) -> None:
+        """On the inference thread: the connection is gone; return the slot."""
+        session.close()
+        self.scheduler.sessions.discard(session)
+
+    def _on_session_failure(self, session: AsrSession, error: ProtocolError) -> None:
+        """On the inference thread: a stream failed (bad audio, model error)."""
+        entry = self._sessions.get(session.id)
+        if entry is None or self.loop is None:
+            return
+        _, outbox = entry
+        self.errors.inc(1, error.code)
+        asyncio.run_coroutine_threadsafe(outbox.fail_with(error), self.loop)
+
+
+class _Outbox:
+    """Messages to one client, sent in order by one task.
+
+    A partial result replaces a partial still waiting to be sent, so a slow reader gets the
+    latest text rather than a backlog; a reader too slow even for that is dropped.
+    """
+
+    def __init__(self, ws: ServerConnection, limit: int):
+        self.ws = ws
+        self.limit = limit
+        self.items: collections.deque[dict] = collections.deque()
+        self.failed = False
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    def send(self, msg: dict) -> None:
+        if msg["type"] == "partial" and self.items and self.items[-1]["type"] == "partial":
+            self.items[-1] = msg
+        elif len(self.items) >= self.limit:
+            self.failed = True
+            return
+        else:
+            self.items.append(msg)
+        self._idle.clear()
+        self._wake.set()
+
+    def post_threadsafe(self, loop: asyncio.AbstractEventLoop):
+        return lambda msg: loop.call_soon_threadsafe(self.send, msg)
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.items:
+                try:
+                    await self.ws.send(dumps(self.items.popleft()))
+                except ConnectionClosed:
+                    self._idle.set()
+                    return
+            self._idle.set()
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    async def fail_with(self, error: ProtocolError) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.drain(), timeout=2.0)
+            await self.ws.send(dumps(error.as_message()))
+        except (ConnectionClosed, asyncio.TimeoutError):
+            pass
+        await self.ws.close(error.close_code, error.message[:120])
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _response(status: int, body, content_type: str) -> Response:
+    data = body.encode() if isinstance(body, str) else body
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-store")])
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)

@@ -1,0 +1,160 @@
+"""One transcription stream on the server.
+
+The event loop only appends raw audio frames to `inbox` and forwards results; everything else
+(decoding bytes, resampling, features, stepping, endpointing) happens on the inference thread,
+which owns `stream`.  Results reach the loop through the `post` callback.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Callable
+
+import numpy as np
+
+from ..asr.streams import AsrStream, Token
+from ..codecs import AudioFormatError, bytes_per_sample, decode
+from ..stream.endpointing import Endpointer
+from .protocol import ProtocolError, StartRequest, seconds
+from .registry import ModelEntry
+
+
+class AsrSession:
+    def __init__(self, stream_id: str, request: StartRequest, entry: ModelEntry, decoder: str, lookahead_ms: int,
+                 post: Callable[[dict], None]):
+        self.id = stream_id
+        self.request = request
+        self.entry = entry
+        self.decoder = decoder
+        self.setting = entry.engine.setting_for_lookahead(lookahead_ms)
+        self.post = post                    # thread-safe: delivers a message to the client
+        # Audio frames and flush markers, in the order the client sent them.
+        self.inbox: collections.deque = collections.deque()
+        self._inbox_bytes = 0
+        self._lock = threading.Lock()
+        self.bytes_per_second = request.sample_rate * bytes_per_sample(request.encoding)
+        # -- owned by the inference thread --------------------------------------------------
+        self.stream: AsrStream | None = None
+        self.endpointer: Endpointer | None = None
+        self.time_offset = 0.0        # audio seconds of earlier segments (before a `finalize`)
+        self.flush: str | None = None  # "finalize" or "stop" while the stream is being flushed
+        self.utterance = 0
+        self.last_partial = ""
+        self.closed = False
+        self._on_flushed: Callable[[str], None] | None = None
+
+    # -- loop side ---------------------------------------------------------------------------
+    def push_audio(self, frame: bytes) -> None:
+        with self._lock:
+            self.inbox.append(frame)
+            self._inbox_bytes += len(frame)
+
+    def push_flush(self, kind: str, on_flushed: Callable[[str], None]) -> None:
+        """`finalize` or `stop`, ordered after the audio sent before it."""
+        with self._lock:
+            self.inbox.append((kind, on_flushed))
+
+    @property
+    def buffered_seconds(self) -> float:
+        return self._inbox_bytes / self.bytes_per_second
+
+    # -- inference thread --------------------------------------------------------------------
+    def open(self) -> None:
+        """Take a slot (raises PoolExhausted) and set up the stream."""
+        self.stream = AsrStream(self.entry.engine, self.entry.tokenizer, self.setting, self.decoder,
+                                self.request.sample_rate)
+        self.endpointer = Endpointer(self.request.endpointing, self.stream.frame_seconds * 1000)
+
+    def pull_audio(self) -> int:
+        """Decode and feed the inbox up to the next flush marker; returns the audio bytes taken."""
+        taken = 0
+        while self.inbox and self.stream is not None and self.flush is None:
+            with self._lock:
+                frame = self.inbox.popleft()
+                if isinstance(frame, bytes):
+                    self._inbox_bytes -= len(frame)
+            if not isinstance(frame, bytes):
+                self._start_flush(*frame)
+                break
+            taken += len(frame)
+            try:
+                samples = decode(frame, self.request.encoding)
+            except AudioFormatError as exc:
+                raise ProtocolError("bad_audio", str(exc)) from None
+            self._note_energy(samples)
+            self.stream.accept_audio(samples)
+        return taken
+
+    def _note_energy(self, samples: np.ndarray) -> None:
+        threshold = self.request.endpointing.energy_threshold_db
+        if threshold is None or not len(samples):
+            return
+        rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)) + 1e-12)
+        if 20 * np.log10(rms) > threshold:
+            end_s = self.stream.samples_in / self.request.sample_rate
+            self.endpointer.note_energy(int(end_s / self.stream.frame_seconds), True)
+
+    def _start_flush(self, kind: str, on_flushed: Callable[[str], None]) -> None:
+        """No more audio for this segment: encode what is buffered, then `finish_flush_if_done`."""
+        self.flush = kind
+        self._on_flushed = on_flushed
+        self.stream.finish()
+
+    def after_step(self, new_tokens: list[Token]) -> None:
+        stream, ep = self.stream, self.endpointer
+        for t in new_tokens:
+            ep.note_token(t.frame)
+        if ep.should_end(stream.frames_done):
+            self._emit_final("endpoint")
+            return
+        if self.request.interim_results and new_tokens:
+            text = self._text()
+            if text != self.last_partial:
+                self.last_partial = text
+                self.post(self._result("partial", text))
+
+    def finish_flush_if_done(self) -> bool:
+        """After the flushed audio is encoded: final result, then reset (finalize) or close (stop)."""
+        if self.flush is None or not self.stream.done:
+            return False
+        kind, self.flush = self.flush, None
+        self._emit_final(kind, always=True)
+        self.time_offset += self.stream.audio_seconds
+        self.stream.close()
+        self.stream = None
+        if kind == "finalize":  # the connection goes on with a fresh model state
+            self.open()
+        self._on_flushed(kind)
+        return True
+
+    def close(self) -> None:
+        """Return the slot (idempotent)."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self.closed = True
+
+    # -- results -----------------------------------------------------------------------------
+    def _text(self) -> str:
+        return self.stream.tokenizer.decode(self.stream.hypothesis.ids).strip()
+
+    def _emit_final(self, reason: str, always: bool = False) -> None:
+        text = self._text()
+        if text or always:
+            self.post(self._result("final", text, reason))
+            self.utterance += 1
+        self.stream.hypothesis.tokens.clear()  # bounded memory: an utterance's tokens go with its final
+        self.endpointer.start_next(self.stream.frames_done)
+        self.last_partial = ""
+
+    def _result(self, kind: str, text: str, reason: str | None = None) -> dict:
+        stream = self.stream
+        start = self.time_offset + stream.audio_time(self.endpointer.utterance_start)
+        end = self.time_offset + stream.audio_time(stream.frames_done)
+        msg = {"type": kind, "utterance": self.utterance, "text": text,
+               "start": seconds(start), "end": seconds(end)}
+        if reason:
+            msg["reason"] = reason
+        if self.request.word_times:
+            msg["words"] = stream.words(self.time_offset)
+        return msg

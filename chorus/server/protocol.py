@@ -1,0 +1,121 @@
+"""The ASR wire protocol (docs/protocol.md): client messages, server messages, error codes.
+
+Text frames carry JSON objects with a `type`; binary frames carry audio.  Every error a client
+can cause has a stable `code` and a WebSocket close code, listed once here.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from ..codecs import ENCODINGS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from ..stream.endpointing import EndpointConfig
+
+PROTOCOL = "chorus.asr.v1"
+
+# code -> WebSocket close code
+CLOSE_CODES = {
+    "bad_json": 1007,             # a text frame that is not a JSON object
+    "bad_message": 1008,          # a JSON object that breaks the protocol (missing/invalid field)
+    "unknown_type": 1008,         # a `type` the server does not know
+    "not_started": 1008,          # audio or a control message before `start`
+    "already_started": 1008,      # a second `start`
+    "unknown_model": 1008,        # `model` is not in the server's registry
+    "unsupported_encoding": 1003,
+    "unsupported_sample_rate": 1003,
+    "unsupported_option": 1003,   # a lookahead or decoder the model does not offer
+    "bad_audio": 1007,            # a frame that is not a whole number of samples, NaN/inf floats
+    "frame_too_large": 1009,
+    "overloaded": 1013,           # no free stream slot: try again later
+    "idle_timeout": 1008,
+    "session_limit": 1008,
+    "too_slow": 1008,             # the client does not read results
+    "internal": 1011,
+}
+
+
+class ProtocolError(Exception):
+    """Ends the stream with an `error` message and the close code of `code`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        if code not in CLOSE_CODES:
+            raise ValueError(f"unknown error code {code}")
+        self.code = code
+        self.message = message
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_CODES[self.code]
+
+    def as_message(self) -> dict:
+        return {"type": "error", "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    model: str | None
+    sample_rate: int = 16000
+    encoding: str = "pcm_s16le"
+    lookahead_ms: int | None = None
+    decoder: str | None = None
+    interim_results: bool = True
+    word_times: bool = False
+    endpointing: EndpointConfig = field(default_factory=EndpointConfig)
+
+
+_START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "interim_results",
+                 "word_times", "endpointing"}
+
+
+def parse_text(text: str) -> dict:
+    try:
+        msg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"text frame is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad_json", "text frame must be a JSON object")
+    kind = msg.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "message has no string 'type' field")
+    return msg
+
+
+def parse_start(msg: dict) -> StartRequest:
+    unknown = set(msg) - _START_FIELDS
+    if unknown:
+        raise ProtocolError("bad_message", f"unknown field(s) in start: {', '.join(sorted(unknown))}")
+
+    def typed(name, kinds, default):
+        value = msg.get(name, default)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            raise ProtocolError("bad_message", f"start.{name} has the wrong type")
+        return value
+
+    model = typed("model", (str,), None)
+    rate = typed("sample_rate", (int,), 16000)
+    if rate is None or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ProtocolError("unsupported_sample_rate",
+                            f"sample_rate {rate} is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    encoding = typed("encoding", (str,), "pcm_s16le")
+    if encoding not in ENCODINGS:
+        raise ProtocolError("unsupported_encoding",
+                            f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}")
+    decoder = typed("decoder", (str,), None)
+    try:
+        endpointing = EndpointConfig.from_message(msg.get("endpointing"))
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_message", f"start.endpointing: {exc}") from None
+    return StartRequest(
+        model=model, sample_rate=rate, encoding=encoding, lookahead_ms=typed("lookahead_ms", (int,), None),
+        decoder=decoder, interim_results=typed("interim_results", (bool,), True),
+        word_times=typed("word_times", (bool,), False), endpointing=endpointing)
+
+
+def dumps(msg: dict) -> str:
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False)
+
+
+def seconds(x: float) -> float:
+    return round(float(x), 3) if math.isfinite(x) else 0.0
