@@ -1,0 +1,110 @@
+"""Training data for the default model: manifests, duration buckets, augmentation, features."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from chorus.asr.evaluate import read_manifest  # noqa: F401  (re-exported for train.py)
+from chorus.codecs import read_audio, resample
+from chorus.stream.features import MelFrontend
+
+import augment
+
+
+def duration_batches(rows: list[dict], max_seconds: float, max_items: int, rng: np.random.Generator,
+                     jitter: float = 0.1) -> list[list[int]]:
+    """Group utterances of similar length so that padded audio per batch stays under max_seconds."""
+    durations = np.array([r["duration"] for r in rows])
+    order = np.argsort(durations * (1 + jitter * rng.random(len(rows))))
+    batches, current, longest = [], [], 0.0
+    for i in order:
+        d = durations[i]
+        if current and (max(longest, d) * (len(current) + 1) > max_seconds or len(current) >= max_items):
+            batches.append(current)
+            current, longest = [], 0.0
+        current.append(int(i))
+        longest = max(longest, d)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def pad_silence(audio: np.ndarray, rng: np.random.Generator, rate: int, p: float = 0.6,
+                max_seconds: float = 0.6) -> np.ndarray:
+    """Random silence before and after (many synthetic clips start right at speech onset; live
+    audio does not), so the model learns to stay blank through pauses."""
+    if rng.random() >= p:
+        return audio
+    before, after = (int(rng.uniform(0, max_seconds) * rate) for _ in range(2))
+    return np.concatenate([np.zeros(before, np.float32), audio, np.zeros(after, np.float32)])
+
+
+def spec_augment(mel: torch.Tensor, rng: np.random.Generator, freq_masks: int = 2, freq_width: int = 15,
+                 time_masks: int = 5, time_fraction: float = 0.05) -> torch.Tensor:
+    """NeMo-style SpecAugment on one utterance [n_mels, T]: zeroed frequency and time bands."""
+    mel = mel.clone()
+    n_mels, t = mel.shape
+    for _ in range(freq_masks):
+        w = int(rng.integers(0, freq_width + 1))
+        f0 = int(rng.integers(0, max(1, n_mels - w)))
+        mel[f0:f0 + w] = 0.0
+    max_w = max(1, int(time_fraction * t))
+    for _ in range(time_masks):
+        w = int(rng.integers(0, max_w + 1))
+        t0 = int(rng.integers(0, max(1, t - w)))
+        mel[:, t0:t0 + w] = 0.0
+    return mel
+
+
+class UtteranceDataset(torch.utils.data.Dataset):
+    """Yields (log-mel [n_mels, T], token ids) with on-the-fly audio and spectrum augmentation."""
+
+    def __init__(self, rows: list[dict], tokenizer, frontend: MelFrontend, *, train: bool, seed: int = 0):
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.frontend = frontend
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        audio, rate = read_audio(row["audio_filepath"])
+        if rate != self.frontend.config.sample_rate:
+            audio = resample(audio, rate, self.frontend.config.sample_rate)
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        if self.train:
+            audio = pad_silence(audio, rng, self.frontend.config.sample_rate)
+            audio = augment.random_augment(audio, rng)
+        mel = self.frontend.offline(audio)
+        if self.train:
+            mel = spec_augment(mel, rng)
+        return mel, torch.tensor(self.tokenizer.encode(row["text"]), dtype=torch.long)
+
+
+def collate(items):
+    mels, tokens = zip(*items)
+    b = len(items)
+    t_max = max(m.shape[1] for m in mels)
+    u_max = max(1, max(len(t) for t in tokens))
+    mel = torch.zeros(b, mels[0].shape[0], t_max)
+    target = torch.zeros(b, u_max, dtype=torch.long)
+    for i, (m, t) in enumerate(zip(mels, tokens)):
+        mel[i, :, :m.shape[1]] = m
+        target[i, :len(t)] = t
+    return (mel, torch.tensor([m.shape[1] for m in mels]), target,
+            torch.tensor([len(t) for t in tokens]))
+
+
+def hours(rows: list[dict]) -> float:
+    return sum(r["duration"] for r in rows) / 3600.0
+
+
+def steps_per_epoch(rows: list[dict], max_seconds: float) -> int:
+    return max(1, math.ceil(sum(r["duration"] for r in rows) / (0.8 * max_seconds)))
