@@ -151,10 +151,7 @@ class ConformerStreamer:
         state = self.pool.read(idx)
         b = len(slots)
         chunk_len = torch.tensor([c.shape[0] for c in chunks], device=dev)
-        width = int(chunk_len.max())
-        padded = torch.zeros(b, width, enc_cfg.feat_in, device=dev)
-        for i, c in enumerate(chunks):  # assembling the input batch; the pool is not touched here
-            padded[i, :c.shape[0]] = c.to(dev)
+        padded = torch.nn.utils.rnn.pad_sequence([c.to(dev) for c in chunks], batch_first=True)
         consumed_t = torch.tensor(consumed, device=dev)
 
         # Subsampling input: the valid cached history frames, then the chunk, left-aligned.
