@@ -342,3 +342,34 @@ def test_auth_and_origins(model_path):
         srv.wait_idle()
     finally:
         srv.stop()
+
+
+def test_fast_sender_is_held_to_the_buffer_bound(model_path):
+    """A client pushing 20 s of audio at once is throttled (TCP backpressure), not buffered."""
+    registry = ModelRegistry()
+    registry.add("default", load_fastconformer(model_path), slots=2)
+    srv = ServerThread(registry, ServerConfig(port=0, max_buffered_seconds=0.5))
+    peak = [0.0]
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            for session, _ in list(srv.server._sessions.values()):
+                peak[0] = max(peak[0], session.buffered_seconds)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        audio = encode((np.random.default_rng(9).standard_normal(16000 * 20) * 0.1).astype(np.float32),
+                       "pcm_s16le")
+        msgs = run(stream_file(srv.url, audio, {"endpointing": False, "lookahead_ms": 1040}, 6400))
+        sampling.set()
+        sampler.join()
+        assert msgs[-1] == {"closed": 1000}
+        assert [m for m in msgs if m.get("type") == "final"][-1]["end"] == pytest.approx(20.0, abs=0.01)
+        assert 0.1 < peak[0] <= 0.5 + 0.2  # bound plus one 200 ms frame
+        srv.wait_idle()
+    finally:
+        sampling.set()
+        srv.stop()

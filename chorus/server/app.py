@@ -172,7 +172,8 @@ class AsrServer:
                     if len(message):
                         session.push_audio(message)
                         self.scheduler.notify()
-                        while session.buffered_seconds > self.config.max_buffered_seconds and not outbox.failed:
+                        while (session.buffered_seconds > self.config.max_buffered_seconds
+                               and not (outbox.failed or session.closed)):
                             await asyncio.sleep(0.01)  # backpressure: stop reading until the model catches up
                     continue
                 msg = parse_text(message)
