@@ -102,9 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, max_session_seconds=args.max_session_seconds,
                           idle_timeout=args.idle_timeout, auth_tokens=tokens,
                           allowed_origins=tuple(args.allowed_origin or ()), batch_wait_ms=args.batch_wait_ms,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, tls_cert=args.tls_cert, tls_key=args.tls_key)
     server = AsrServer(registry, config)
-    print(f"chorus: ws://{args.host}:{args.port}/asr  (browser demo: http://{args.host}:{args.port}/)",
+    s = "s" if args.tls_cert else ""
+    print(f"chorus: ws{s}://{args.host}:{args.port}/asr  (browser demo: http{s}://{args.host}:{args.port}/)",
           file=sys.stderr, flush=True)
     try:
         asyncio.run(server.serve_forever())
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-origin", action="append", help="allow browser pages from this origin")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a step waits to fill its batch")
     s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// and https:// (browsers allow the "
+                                      "microphone only on https or localhost)")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert (if not in the same file)")
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -1,6 +1,9 @@
 """The WebSocket server end to end with a real websockets client."""
 import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -38,6 +41,7 @@ class ServerThread:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
     def wait_idle(self, timeout=10.0):
         """Every stream closed and every slot back in its pool."""
@@ -105,7 +109,10 @@ def test_http_routes(server):
     metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
     assert 'chorus_slots{model="default",state="free"} 20' in metrics
     models = json.loads(urllib.request.urlopen(server.http + "/models").read())
-    assert [m["name"] for m in models] == ["default", "second"]
+    assert [m["name"] for m in models] == ["default", "second"] and [m["default"] for m in models] == [True, False]
+    assert models[0]["chunk_ms"]["480"] == 560 and models[0]["default_lookahead_ms"] == 1040
+    page = urllib.request.urlopen(server.http + "/")
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8" and b"<html" in page.read().lower()
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(server.http + "/../../etc/passwd")
     assert err.value.code == 404
@@ -372,4 +379,28 @@ def test_fast_sender_is_held_to_the_buffer_bound(model_path):
         srv.wait_idle()
     finally:
         sampling.set()
+        srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed to make a test certificate")
+def test_tls(model_path, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    registry = ModelRegistry()
+    registry.add("default", load_fastconformer(model_path), slots=1)
+    srv = ServerThread(registry, ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key)))
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+
+        async def client():
+            async with connect(srv.url.replace("ws://", "wss://"), ssl=context) as ws:
+                await ws.send(json.dumps({"type": "start"}))
+                return json.loads(await ws.recv())["type"]
+        assert run(client()) == "ready"
+        page = urllib.request.urlopen(srv.http.replace("http://", "https://") + "/healthz", context=context)
+        assert page.read() == b"ok\n"
+        srv.wait_idle()
+    finally:
         srv.stop()

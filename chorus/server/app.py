@@ -11,9 +11,11 @@ import collections
 import hmac
 import http
 import itertools
+import json
 import logging
 import mimetypes
 import secrets
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from .registry import ModelRegistry
 from .scheduler import Scheduler
 
 log = logging.getLogger("chorus.server")
-WEB_ROOT = Path(__file__).resolve().parents[2] / "demos" / "web"
+WEB_ROOT = Path(__file__).resolve().parent / "web"  # the browser demo; demos/web links here
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ServerConfig:
     batch_wait_ms: float = 10.0
     max_batch: int = 64
     web_root: Path | None = field(default_factory=lambda: WEB_ROOT if WEB_ROOT.exists() else None)
+    tls_cert: str | None = None              # serve wss:// and https:// with this certificate chain
+    tls_key: str | None = None
 
 
 class AsrServer:
@@ -84,8 +88,13 @@ class AsrServer:
         self.loop = asyncio.get_running_loop()
         self.scheduler.start()
         cfg = self.config
+        ssl_context = None
+        if cfg.tls_cert:  # browsers allow the microphone only on https:// (or localhost)
+            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         self._server = await serve(
-            self._handle, cfg.host, cfg.port, process_request=self._process_request, compression=None,
+            self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
+            compression=None,
             max_size=2 * cfg.max_frame_bytes, max_queue=8,  # past 2x the library itself closes with 1009
             origins=[None, *cfg.allowed_origins] if cfg.allowed_origins else None)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -98,7 +107,8 @@ class AsrServer:
 
     async def serve_forever(self) -> None:
         await self.start()
-        log.info("chorus serving %s on ws://%s:%d/asr", self.registry.names(), self.config.host, self.port)
+        scheme = "wss" if self.config.tls_cert else "ws"
+        log.info("chorus serving %s on %s://%s:%d/asr", self.registry.names(), scheme, self.config.host, self.port)
         await self._server.serve_forever()
 
     # -- plain HTTP --------------------------------------------------------------------------
@@ -116,8 +126,8 @@ class AsrServer:
                 return _response(503, "too many connections, try again later\n", "text/plain")
             return None  # continue with the WebSocket handshake
         if path == "/models":
-            import json
-            return _response(200, json.dumps([e.describe() for e in self.registry.entries()]), "application/json")
+            models = [dict(e.describe(), default=e.name == self.registry.default) for e in self.registry.entries()]
+            return _response(200, json.dumps(models), "application/json")
         return self._static(path)
 
     def _authorized(self, request: Request, url) -> bool:
@@ -140,6 +150,8 @@ class AsrServer:
         if root.resolve() not in target.parents or not target.is_file():
             return _response(404, "not found\n", "text/plain")
         ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
         return _response(200, target.read_bytes(), ctype)
 
     # -- the streaming protocol --------------------------------------------------------------
@@ -196,21 +208,30 @@ class AsrServer:
                 else:
                     raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
         except ProtocolError as exc:
-            self.errors.inc(1, exc.code)
-            await outbox.fail_with(exc)
+            await self._close_with(ws, outbox, exc)
         except ConnectionClosed:
             pass
         except Exception as exc:  # keep the server up; tell the client
             log.exception("connection handler failed")
-            err = ProtocolError("internal", f"server error: {type(exc).__name__}")
-            self.errors.inc(1, err.code)
-            await outbox.fail_with(err)
+            await self._close_with(ws, outbox, ProtocolError("internal", f"server error: {type(exc).__name__}"))
         finally:
             if session is not None:
                 self._sessions.pop(session.id, None)
                 self.scheduler.submit(lambda s=session: self._drop(s))
             writer.cancel()
             self.connections -= 1
+
+    async def _close_with(self, ws: ServerConnection, outbox: "_Outbox", error: ProtocolError) -> None:
+        """Send the error and close, reading (and dropping) what the client already sent so that
+        its close frame is seen instead of waiting out the close timeout."""
+        self.errors.inc(1, error.code)
+        closing = asyncio.create_task(outbox.fail_with(error))
+        try:
+            async for _ in ws:
+                pass
+        except ConnectionClosed:
+            pass
+        await closing
 
     async def _start(self, msg: dict, outbox: "_Outbox") -> AsrSession:
         req = parse_start(msg)

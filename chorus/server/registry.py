@@ -22,8 +22,12 @@ class ModelEntry:
 
     def describe(self) -> dict:
         model = self.loaded.model
-        return {"name": self.name, "decoders": list(model.decoders),
-                "lookahead_ms": sorted(s.lookahead_ms for s in self.engine.settings.values()),
+        default = self.engine.setting_for_lookahead(None)
+        settings = sorted(self.engine.settings.values(), key=lambda s: s.lookahead_ms)
+        return {"name": self.name, "decoders": list(model.decoders), "default_decoder": model.default_decoder,
+                "lookahead_ms": [s.lookahead_ms for s in settings],
+                "chunk_ms": {str(s.lookahead_ms): s.chunk_ms for s in settings},
+                "default_lookahead_ms": default.lookahead_ms,
                 "sample_rate": model.spec.mel.sample_rate, "slots": self.engine.pool.capacity}
 
 
