@@ -169,3 +169,14 @@ def test_weights_load_without_pickled_code(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(NemoFormatError, match="could not be loaded"):
         load_fastconformer(path)
+
+
+def test_saved_position_table_of_older_nemo_is_accepted(tmp_path, tokenizer):
+    """NeMo < 1.x stored encoder.pos_enc.pe; it is derived, so it is checked and dropped."""
+    model = tiny_model()
+    table = model.encoder.pos_enc._table(300)
+    good = _write_variant(tmp_path, tokenizer, edit_state=lambda s: s.update({"encoder.pos_enc.pe": table}))
+    load_fastconformer(good)
+    bad = _write_variant(tmp_path, tokenizer, edit_state=lambda s: s.update({"encoder.pos_enc.pe": table + 1}))
+    with pytest.raises(NemoFormatError, match="pos_enc.pe differs"):
+        load_fastconformer(bad)

@@ -43,6 +43,7 @@ def load_fastconformer(path: str | os.PathLike, device: str | torch.device = "cp
     if spec.rnnt is None:  # CTC-only NeMo models keep the CTC head under `decoder`
         state = {("ctc_" + k if k.startswith("decoder.decoder_layers") else k): v for k, v in state.items()}
     model = FastConformerModel(spec)
+    _check_derived_buffers(model, state, path)
     missing, unused = _key_mismatch(model, state)
     if missing or unused:
         raise NemoFormatError(f"{path}: weights do not match the model described by its config; "
@@ -52,6 +53,17 @@ def load_fastconformer(path: str | os.PathLike, device: str | torch.device = "cp
     except RuntimeError as exc:  # shape mismatches
         raise NemoFormatError(f"{path}: weights do not fit the configured model: {exc}") from exc
     return LoadedModel(model.to(device).eval(), tokenizer, archive.config, str(path))
+
+
+def _check_derived_buffers(model: FastConformerModel, state: dict, path) -> None:
+    """Older NeMo versions saved the relative-position table `encoder.pos_enc.pe`; it is not a
+    weight but a function of d_model, so it is checked against ours and then dropped."""
+    pe = state.pop("encoder.pos_enc.pe", None)
+    if pe is None:
+        return
+    ours = model.encoder.pos_enc._table((pe.shape[1] + 1) // 2)
+    if pe.shape != ours.shape or not torch.allclose(pe.float(), ours, atol=1e-5):
+        raise NemoFormatError(f"{path}: encoder.pos_enc.pe differs from NeMo's sinusoid table")
 
 
 def _key_mismatch(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
