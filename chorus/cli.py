@@ -89,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import AsrServer, ServerConfig
     from .server.registry import ModelRegistry
 
+    from .cache.allocator import keep_freed_memory
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     registry = ModelRegistry()
     models = [("default", args.model)] + [tuple(spec.split("=", 1)) for spec in args.add_model]
     for name, path in models:

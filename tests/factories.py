@@ -63,13 +63,21 @@ def _calibrate_blank(model: FastConformerModel) -> None:
     if model.ctc_decoder is not None:
         logits = model.ctc_decoder(encoded[None])[0]
         margin = logits[:, :blank].max(-1).values - logits[:, blank]
-        model.ctc_decoder.decoder_layers[0].bias[blank] += margin.median()
+        model.ctc_decoder.decoder_layers[0].bias[blank] += _between(margin, 0.5)
     if model.joint is not None:
         sos = torch.full((1,), blank)
         g, _ = model.decoder.step(sos, model.decoder.initial_state(1))
         logits = model.joint(model.joint.enc(encoded), model.joint.pred(g))
         margin = logits[:, :blank].max(-1).values - logits[:, blank]
-        model.joint.joint_net[-1].bias[blank] += margin.quantile(0.6)
+        model.joint.joint_net[-1].bias[blank] += _between(margin, 0.6)
+
+
+def _between(values: torch.Tensor, q: float) -> torch.Tensor:
+    """A threshold halfway between two neighbouring values near quantile q, so no frame sits
+    exactly on the blank/token tie (where rounding could flip a greedy decision)."""
+    v = values.flatten().sort().values
+    k = min(max(int(q * (len(v) - 1)), 0), len(v) - 2)
+    return (v[k] + v[k + 1]) / 2
 
 
 def random_mel(frames: int, seed: int = 0) -> torch.Tensor:

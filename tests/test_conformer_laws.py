@@ -188,3 +188,24 @@ def test_many_audio_streams_through_step_streams(model):
             s.close()
     assert [s.hypothesis.ids for s in streams] == alone
     assert all(s.done for s in streams)
+
+
+def test_encoder_only_step_matches_the_full_step(model):
+    engine = ConformerStreamer(model, slots=2)
+    setting = engine.setting((70, 6))
+    mel = random_mel(200, seed=21)
+    outs = []
+    for decoders in (None, ["rnnt"]):
+        slot = engine.open()
+        chunker = FrameChunker(setting.plan, 80)
+        chunker.push(mel)
+        chunker.finish()
+        encoded = []
+        while chunker.ready():
+            chunk, consumed = chunker.take()
+            r = engine.step([slot], [chunk], [consumed], setting, decoders)[0]
+            encoded.append(r.encoded)
+            assert decoders or not r.tokens
+        engine.close(slot)
+        outs.append(torch.cat(encoded))
+    assert torch.equal(outs[0], outs[1])

@@ -18,8 +18,9 @@ class CTCHead(nn.Module):
         self.decoder_layers = nn.Sequential(nn.Conv1d(feat_in, vocab_size + 1, kernel_size=1, bias=True))
 
     def forward(self, encoded: torch.Tensor) -> torch.Tensor:
-        """encoded [B, T, d] -> logits [B, T, vocab + 1]."""
-        return self.decoder_layers(encoded.transpose(1, 2)).transpose(1, 2)
+        """encoded [B, T, d] -> logits [B, T, vocab + 1] (the 1x1 convolution as a matrix product)."""
+        conv = self.decoder_layers[0]
+        return torch.nn.functional.linear(encoded, conv.weight.squeeze(-1), conv.bias)
 
 
 class RNNTPredictor(nn.Module):

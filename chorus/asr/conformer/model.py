@@ -242,6 +242,21 @@ class RelPositionMultiHeadAttention(nn.Module):
             pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.d_k))
         self.pos_bias_u = pos_bias_u
         self.pos_bias_v = pos_bias_v
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def project_positions(self, pos_emb: torch.Tensor) -> torch.Tensor:
+        """linear_pos(pos_emb).  At inference it depends only on the length and the weights, which
+        are the same every streaming step, so it is computed once per length."""
+        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(pos_emb.device.type):
+            return self.linear_pos(pos_emb)
+        w = self.linear_pos.weight
+        key = (tuple(pos_emb.shape), pos_emb.dtype, pos_emb.device, w.data_ptr(), w._version)
+        cached = self._pos_cache.get(key)
+        if cached is None:
+            if len(self._pos_cache) >= 8:
+                self._pos_cache.clear()
+            cached = self._pos_cache[key] = self.linear_pos(pos_emb)
+        return cached
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +270,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         q = self.linear_q(x).view(b, -1, self.h, self.d_k)
         k = self.linear_k(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
-        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
+        p = self.project_positions(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         matrix_bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
@@ -300,8 +315,9 @@ class ConformerConvolution(nn.Module):
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, cache: torch.Tensor | None = None,
                 keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, d]; cache [B, d, k-1] of the inputs before x.  Returns (out, new cache)."""
-        x = F.glu(self.pointwise_conv1(x.transpose(1, 2)), dim=1)
-        x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+        # The 1x1 convolutions are matrix products; F.linear avoids Conv1d's slow path at batch 1.
+        x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)
+        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)
         x = torch.cat([cache, x], dim=2) if cache is not None else F.pad(x, (self.cache_size, 0))
         new_cache = None
         if cache is not None:
@@ -309,10 +325,15 @@ class ConformerConvolution(nn.Module):
             new_cache = x[:, :, end - self.cache_size:end]
         x = self.depthwise_conv(x)
         if isinstance(self.batch_norm, nn.LayerNorm):
-            x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
+            x = self.batch_norm(x.transpose(1, 2))
         else:
-            x = self.batch_norm(x)
-        return self.pointwise_conv2(F.silu(x)).transpose(1, 2), new_cache
+            x = self.batch_norm(x).transpose(1, 2)
+        return _pointwise(self.pointwise_conv2, F.silu(x)), new_cache
+
+
+def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-size-1 Conv1d applied to channels-last x [B, T, C_in] -> [B, T, C_out]."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
 class ConformerLayer(nn.Module):

@@ -139,11 +139,12 @@ class ConformerStreamer:
     # -- the batched step ------------------------------------------------------------------
     @torch.no_grad()
     def step(self, slots: list[int], chunks: list[torch.Tensor], consumed: list[int],
-             setting: StreamSetting, decoders: list[str]) -> list[StepResult]:
+             setting: StreamSetting, decoders: list[str] | None) -> list[StepResult]:
         """Advance streams by one chunk each.
 
         chunks[b] is [frames, n_mels] (at most the plan's size), consumed[b] how many of those
-        frames this step consumes; all streams share `setting`; decoders[b] is "rnnt" or "ctc".
+        frames this step consumes; all streams share `setting`; decoders[b] is "rnnt" or "ctc",
+        or `decoders` is None to run the encoder alone (no tokens; for benchmarks and features).
         """
         model, enc_cfg = self.model, self.model.spec.encoder
         dev = self.device
@@ -185,6 +186,9 @@ class ConformerStreamer:
             "conv_cache": conv_cache,
         }
         tokens = torch.full((b, t_out, 1), -1, dtype=torch.long, device=dev)
+        if decoders is None:
+            self.pool.write(idx, new_state)
+            return self._results(tokens, state["frames_done"], new_state["frames_done"], encoded, emitted)
         use_ctc = torch.tensor([d == "ctc" for d in decoders], device=dev)
         if bool(use_ctc.any()):
             sel = use_ctc.nonzero()[:, 0]
