@@ -25,8 +25,10 @@ def test_recipe_smoke(tmp_path):
     train = [json.loads(line) for line in open(corpus / "train.json")]
     assert train and all((corpus / r["audio_filepath"]).exists() for r in train)
     model_path = work / "model.nemo"
-    subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus), "--work", str(work),
-                    "--export", str(model_path)], check=True, timeout=600, capture_output=True)
+    first = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
+                            "--work", str(work), "--export", str(model_path)],
+                           check=True, timeout=600, capture_output=True, text=True)
+    assert "dev WER" in first.stdout + first.stderr and "evaluation failed" not in first.stdout + first.stderr
     loaded = load_fastconformer(model_path)  # the same loader as any NeMo checkpoint
     assert loaded.model.decoders == ("rnnt", "ctc")
     assert [list(c) for c in loaded.config["encoder"]["att_context_size"]] == [[70, 13], [70, 6], [70, 1], [70, 0]]

@@ -80,7 +80,8 @@ def evaluate(model: FastConformerModel, tokenizer, rows: list[dict], context, li
     import jiwer
 
     model.eval()
-    ds = data.UtteranceDataset(rows[:limit], tokenizer, model.frontend, train=False)
+    rows = rows[:limit]
+    ds = data.UtteranceDataset(rows, tokenizer, model.frontend, train=False)
     refs, hyp = [], {"rnnt": [], "ctc": []}
     for start in range(0, len(ds), 16):
         mel, mel_len, _, _ = data.collate([ds[i] for i in range(start, min(len(ds), start + 16))])
@@ -117,13 +118,14 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--eval-limit", type=int, default=200, help="dev utterances per evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
     if args.smoke:
         args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 3, 1, 64
-        args.save_every, args.eval_every, args.batch_seconds = 2, 3, 20.0
+        args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -184,12 +186,16 @@ def main() -> None:
             state["log"].append({"step": state["step"], "loss": round(float(loss), 4), "lr": lr,
                                  **{k: round(v, 4) for k, v in parts.items()}, "time": round(time.time(), 1)})
             done = state["step"] >= args.max_steps
-            if state["step"] % args.eval_every == 0 or done:
-                wer = evaluate(model, tokenizer, dev_rows, (70, 6))
-                state["log"][-1]["dev_wer"] = wer
-                bar.write(f"step {state['step']}: dev WER at 480 ms rnnt {wer['rnnt']:.3f} ctc {wer['ctc']:.3f}")
             if state["step"] % args.save_every == 0 or done:
                 save_checkpoint(ckpt_path, model, opt, state)
+            if state["step"] % args.eval_every == 0 or done:
+                try:
+                    wer = evaluate(model, tokenizer, dev_rows, (70, 6), args.eval_limit)
+                except Exception as exc:  # an evaluation problem must not end hours of training
+                    bar.write(f"step {state['step']}: dev evaluation failed: {exc!r}")
+                else:
+                    state["log"][-1]["dev_wer"] = wer
+                    bar.write(f"step {state['step']}: dev WER at 480 ms rnnt {wer['rnnt']:.3f} ctc {wer['ctc']:.3f}")
             if done:
                 break
         else:
