@@ -14,8 +14,11 @@ import augment
 
 
 def duration_batches(rows: list[dict], max_seconds: float, max_items: int, rng: np.random.Generator,
-                     jitter: float = 0.1) -> list[list[int]]:
-    """Group utterances of similar length so that padded audio per batch stays under max_seconds."""
+                     jitter: float = 0.1, shortest_first: bool = False) -> list[list[int]]:
+    """Group utterances of similar length so that padded audio per batch stays under max_seconds.
+
+    Batches come in random order, or shortest first (SortaGrad: an easier start for CTC/RNNT).
+    """
     durations = np.array([r["duration"] for r in rows])
     order = np.argsort(durations * (1 + jitter * rng.random(len(rows))))
     batches, current, longest = [], [], 0.0
@@ -28,7 +31,8 @@ def duration_batches(rows: list[dict], max_seconds: float, max_items: int, rng: 
         longest = max(longest, d)
     if current:
         batches.append(current)
-    rng.shuffle(batches)
+    if not shortest_first:
+        rng.shuffle(batches)
     return batches
 
 
@@ -66,7 +70,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         self.rows = rows
         self.tokenizer = tokenizer
         self.frontend = frontend
-        self.train = train
+        self.train = train  # augment (silence, audio effects, SpecAugment)
         self.seed = seed
         self.epoch = 0
 

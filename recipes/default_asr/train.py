@@ -109,10 +109,12 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=2400)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per batch")
     p.add_argument("--max-batch-items", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
+    p.add_argument("--curriculum-steps", type=int, default=500,
+                   help="train without augmentation this long (the first epoch also goes shortest first)")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
@@ -126,6 +128,7 @@ def main() -> None:
     if args.smoke:
         args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 3, 1, 64
         args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
+        args.curriculum_steps = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -158,8 +161,11 @@ def main() -> None:
     t_start, audio_seconds = time.time(), 0.0
     while state["step"] < args.max_steps:
         dataset.epoch = state["epoch"]
+        warming_up = state["step"] < args.curriculum_steps
+        dataset.train = not warming_up
         batches = data.duration_batches(train_rows, args.batch_seconds, args.max_batch_items,
-                                        np.random.default_rng((args.seed, state["epoch"])))
+                                        np.random.default_rng((args.seed, state["epoch"])),
+                                        shortest_first=state["epoch"] == 0)
         batches = batches[state["batch_in_epoch"]:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate,
                                              num_workers=0 if args.smoke else 1,
@@ -196,8 +202,8 @@ def main() -> None:
                 else:
                     state["log"][-1]["dev_wer"] = wer
                     bar.write(f"step {state['step']}: dev WER at 480 ms rnnt {wer['rnnt']:.3f} ctc {wer['ctc']:.3f}")
-            if done:
-                break
+            if done or (warming_up and state["step"] >= args.curriculum_steps):
+                break  # (a new loader turns augmentation on, in the same epoch order)
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
