@@ -51,3 +51,25 @@ def test_ctc_loss_is_per_utterance():
     losses = ctc_loss(logits, targets, torch.tensor([10, 6]), torch.tensor([3, 2]), blank=4)
     alone = ctc_loss(logits[1:, :6], targets[1:, :2], torch.tensor([6]), torch.tensor([2]), blank=4)
     assert losses.shape == (2,) and abs(losses[1].item() - alone[0].item()) < 1e-5
+
+
+def test_hybrid_loss_weights_and_ctc_only_phase():
+    from chorus.asr.conformer.losses import hybrid_loss
+    from factories import tiny_model
+
+    model = tiny_model(seed=3).train()
+    torch.manual_seed(0)
+    mel = torch.randn(2, 80, 60)
+    lengths, targets, target_lengths = torch.tensor([60, 44]), torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    torch.manual_seed(1)
+    mixed, parts = hybrid_loss(model, mel, lengths, targets, target_lengths, (70, 13), 0.3)
+    assert set(parts) == {"rnnt", "ctc"}
+    assert abs(mixed.item() - (0.7 * parts["rnnt"] + 0.3 * parts["ctc"])) < 1e-4
+    torch.manual_seed(1)
+    ctc_only, parts_ctc = hybrid_loss(model, mel, lengths, targets, target_lengths, (70, 13), 1.0)
+    assert set(parts_ctc) == {"ctc"}  # the transducer lattice is not computed at all
+    assert abs(ctc_only.item() - parts["ctc"]) < 1e-4
+    model.zero_grad()
+    ctc_only.backward()
+    assert all(p.grad is None for p in model.joint.parameters())
+    assert model.ctc_decoder.decoder_layers[0].weight.grad is not None

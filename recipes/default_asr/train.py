@@ -40,7 +40,7 @@ CONTEXTS = ((70, 13), (70, 6), (70, 1), (70, 0))  # 1040, 480, 80, 0 ms lookahea
 SIZES = {
     # name: (d_model, layers, heads, subsampling channels, pred/joint hidden)
     "tiny": (32, 2, 2, 16, 32),
-    "small": (128, 10, 4, 64, 256),
+    "small": (144, 8, 4, 64, 256),
     "medium": (144, 12, 4, 144, 256),
 }
 
@@ -113,8 +113,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
-    p.add_argument("--curriculum-steps", type=int, default=500,
+    p.add_argument("--curriculum-steps", type=int, default=800,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
+    p.add_argument("--ctc-only-steps", type=int, default=800,
+                   help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
+                        "learns the text's language model and the encoder stays on the blank plateau")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
@@ -128,7 +131,7 @@ def main() -> None:
     if args.smoke:
         args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 3, 1, 64
         args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
-        args.curriculum_steps = 1
+        args.curriculum_steps, args.ctc_only_steps = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -176,7 +179,8 @@ def main() -> None:
                 group["lr"] = lr
             context = context_rng.choice(CONTEXTS)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                loss, parts = hybrid_loss(model, mel, mel_len, target, target_len, context, args.ctc_weight)
+                ctc_weight = 1.0 if state["step"] < args.ctc_only_steps else args.ctc_weight
+                loss, parts = hybrid_loss(model, mel, mel_len, target, target_len, context, ctc_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))

@@ -56,13 +56,14 @@ def hybrid_loss(model, mel: torch.Tensor, mel_lengths: torch.Tensor, targets: to
     """NeMo's hybrid objective: (1 - w) * RNNT + w * CTC, each averaged per target token.
 
     `model` is a FastConformerModel in training mode; `context` is the attention context drawn
-    for this batch (NeMo draws one per forward for multi-lookahead training).
+    for this batch (NeMo draws one per forward for multi-lookahead training).  With ctc_weight 1
+    the RNNT loss is not computed at all (a CTC-only phase costs no transducer lattice).
     """
     encoded, enc_lengths = model.encoder(mel, mel_lengths, context)
     blank = model.blank
     tokens = target_lengths.clamp(min=1).to(encoded.dtype)
     parts: dict[str, torch.Tensor] = {}
-    if model.joint is not None:
+    if model.joint is not None and not (ctc_weight >= 1.0 and model.ctc_decoder is not None):
         pred = model.decoder(targets)
         logits = model.joint(model.joint.enc(encoded)[:, :, None], model.joint.pred(pred)[:, None])
         parts["rnnt"] = (rnnt_loss(logits.float().log_softmax(-1), targets, enc_lengths, target_lengths, blank)
@@ -70,7 +71,9 @@ def hybrid_loss(model, mel: torch.Tensor, mel_lengths: torch.Tensor, targets: to
     if model.ctc_decoder is not None:
         parts["ctc"] = (ctc_loss(model.ctc_decoder(encoded).float(), targets, enc_lengths, target_lengths, blank)
                         / tokens).mean()
-    if len(parts) == 2:
+    if ctc_weight >= 1.0 and "ctc" in parts:
+        loss = parts["ctc"]
+    elif len(parts) == 2:
         loss = (1 - ctc_weight) * parts["rnnt"] + ctc_weight * parts["ctc"]
     else:
         loss = next(iter(parts.values()))
