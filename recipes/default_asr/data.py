@@ -48,18 +48,23 @@ def pad_silence(audio: np.ndarray, rng: np.random.Generator, rate: int, p: float
 
 def spec_augment(mel: torch.Tensor, rng: np.random.Generator, freq_masks: int = 2, freq_width: int = 15,
                  time_masks: int = 5, time_fraction: float = 0.05) -> torch.Tensor:
-    """NeMo-style SpecAugment on one utterance [n_mels, T]: zeroed frequency and time bands."""
+    """NeMo-style SpecAugment on one utterance [n_mels, T]: masked frequency and time bands.
+
+    NeMo masks with 0.0, which is neutral for its per-feature normalized features; this model's
+    log-mel is not normalized (streaming), where 0.0 is a very loud band (speech sits around -10).
+    Masks take the utterance's mean instead."""
     mel = mel.clone()
+    fill = float(mel.mean())
     n_mels, t = mel.shape
     for _ in range(freq_masks):
         w = int(rng.integers(0, freq_width + 1))
         f0 = int(rng.integers(0, max(1, n_mels - w)))
-        mel[f0:f0 + w] = 0.0
+        mel[f0:f0 + w] = fill
     max_w = max(1, int(time_fraction * t))
     for _ in range(time_masks):
         w = int(rng.integers(0, max_w + 1))
         t0 = int(rng.integers(0, max(1, t - w)))
-        mel[:, t0:t0 + w] = 0.0
+        mel[:, t0:t0 + w] = fill
     return mel
 
 

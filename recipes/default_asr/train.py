@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
-    p.add_argument("--curriculum-steps", type=int, default=800,
+    p.add_argument("--curriculum-steps", type=int, default=1200,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
     p.add_argument("--ctc-only-steps", type=int, default=800,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
@@ -198,6 +198,8 @@ def main() -> None:
             done = state["step"] >= args.max_steps
             if state["step"] % args.save_every == 0 or done:
                 save_checkpoint(ckpt_path, model, opt, state)
+            if state["step"] in (args.ctc_only_steps, args.curriculum_steps):  # kept: a fallback per phase
+                save_checkpoint(args.work / f"step{state['step']}.pt", model, opt, state)
             if state["step"] % args.eval_every == 0 or done:
                 try:
                     wer = evaluate(model, tokenizer, dev_rows, (70, 6), args.eval_limit)
