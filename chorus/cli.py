@@ -73,10 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(score.as_json()), flush=True)
     if not args.json:
-        print(f"{'manifest':40} {'lookahead':>9} {'decoder':>7} {'utts':>5} {'WER':>7} {'CER':>7}")
+        print(f"{'manifest':40} {'lookahead':>9} {'decoder':>7} {'utts':>5} {'WER':>7} {'CER':>7} {'exact':>7}")
         for s in scores:
             print(f"{s.manifest[-40:]:40} {s.lookahead_ms:>7}ms {s.decoder:>7} {s.utterances:>5} "
-                  f"{100 * s.wer:6.2f}% {100 * s.cer:6.2f}%")
+                  f"{100 * s.wer:6.2f}% {100 * s.cer:6.2f}% {100 * s.exact:6.2f}%")
     return 0
 
 

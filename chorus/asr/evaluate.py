@@ -25,11 +25,13 @@ class Score:
     wer: float
     cer: float
     audio_seconds: float
+    exact: float = 0.0  # share of utterances transcribed exactly (for isolated words: words right)
     errors: list[dict] = field(default_factory=list)  # the worst utterances, for reading
 
     def as_json(self) -> dict:
         return {"manifest": self.manifest, "lookahead_ms": self.lookahead_ms, "decoder": self.decoder,
                 "utterances": self.utterances, "wer": round(self.wer, 4), "cer": round(self.cer, 4),
+                "exact": round(self.exact, 4),
                 "audio_seconds": round(self.audio_seconds, 1), "worst": self.errors}
 
 
@@ -73,5 +75,6 @@ def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str
         if progress:
             progress(1)
     worst.sort(key=lambda w: -w["wer"])
+    exact = sum(r == h for r, h in zip(refs, hyps)) / max(1, len(refs))
     return Score(str(manifest), setting.lookahead_ms, decoder, len(rows), jiwer.wer(refs, hyps),
-                 jiwer.cer(refs, hyps), seconds, worst[:10])
+                 jiwer.cer(refs, hyps), seconds, exact, worst[:10])
