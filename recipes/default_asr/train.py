@@ -5,7 +5,7 @@ NeMo's multi-lookahead models do (one attention context drawn per batch), keeps 
 and resumes from the last one, and exports the result as a .nemo.
 
     python recipes/default_asr/train.py --corpus recipes/default_asr/work/corpus \
-        --work recipes/default_asr/work/train --max-steps 2400 --export chorus/models/default_asr.nemo
+        --work recipes/default_asr/work/train --export chorus/models/default_asr.nemo
 """
 from __future__ import annotations
 
@@ -106,14 +106,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / "work" / "train")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=2400)
+    p.add_argument("--max-steps", type=int, default=3000)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per batch")
     p.add_argument("--max-batch-items", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
-    p.add_argument("--curriculum-steps", type=int, default=1200,
+    p.add_argument("--curriculum-steps", type=int, default=3000,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
     p.add_argument("--ctc-only-steps", type=int, default=800,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
