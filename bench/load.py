@@ -51,9 +51,8 @@ Random models (--random-size; weights seeded, nothing downloaded):
   small: the bundled default model's size (recipes/default_asr/train.py "small"): 8 layers,
          d_model 144, 4 heads, 64 subsampling channels, RNNT 256/256 + CTC, 256 tokens, same contexts.
 Random weights make greedy decoders emit on every frame (RNNT: max_symbols labels per frame), which
-would make decoding cost unrealistic.  As tests/factories.py `_calibrate_blank` does (and, with the
-head re-centring, bench/conformer_streaming.py), the heads are calibrated on encoder outputs of the
-audio: RNNT blank bias bisected to --tokens-per-frame labels per 80 ms frame (default 0.25, about
+would make decoding cost unrealistic.  The heads are calibrated with bench/conformer_streaming.py's
+`calibrate_heads` on encoder outputs of the audio (input projections re-centred, then): RNNT blank bias bisected to --tokens-per-frame labels per 80 ms frame (default 0.25, about
 3 tokens/s, like a trained English model on read speech), CTC blank bias shifted by the matching
 quantile.  Random heads that emit at all emit in bursts (a frame that emits one label emits
 max_symbols of them: ~3% of frames, 10 labels each), unlike a trained model (mostly one label per
@@ -66,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import math
 import os
@@ -131,87 +129,6 @@ def load_sources(seed: int = 0) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # random models
 # ------------------------------------------------------------------------------------------
-def synthetic_tokenizer(vocab: int, seed: int):
-    """A SentencePiece BPE model of `vocab` pieces trained on seeded pseudo-words."""
-    import sentencepiece as spm
-
-    from chorus.asr.tokenizer import SentencePieceTokenizer
-
-    rng = random.Random(seed)
-    cons = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl".split()
-    vows = "a e i o u ai ea oo ou ie".split()
-    words = ["".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.randint(1, 4))) for _ in range(4000)]
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(6000)]
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab,
-                                   model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, minloglevel=2)
-    return SentencePieceTokenizer(out.getvalue())
-
-
-def calibrate_heads(model, clips: list[np.ndarray], context, tokens_per_frame: float) -> dict:
-    """Re-centre the heads' input projections on encoder outputs of `clips` and shift the blank biases
-    so that greedy RNNT emits ~tokens_per_frame labels per encoder frame (weights stay random)."""
-    import torch
-
-    from chorus.asr.conformer.decoding import rnnt_greedy
-
-    blank = model.blank
-    encs = []
-    for c in clips:
-        mel = model.frontend.offline(c)
-        encs.append(model.encoder(mel[None], torch.tensor([mel.shape[1]]), context)[0][0])
-    e = torch.cat(encs)
-    mu, sd = e.mean(0), e.std(0) + 1e-6
-    lin = model.joint.enc  # centred, unit-ish variation x 2 over time
-    w = lin.weight / sd[None]
-    w = w * 2.0 / ((e - mu) @ w.T).std()
-    lin.bias.copy_(lin.bias - w @ mu)
-    lin.weight.copy_(w)
-    vocab = model.spec.vocab_size
-    g0, _ = model.decoder.step(torch.full((1,), blank), model.decoder.initial_state(1))
-    g1, _ = model.decoder.step(torch.arange(vocab), model.decoder.initial_state(vocab))
-    gp = torch.cat([g0, g1]) @ model.joint.pred.weight.T
-    k = 1.0 / gp.std()
-    model.joint.pred.weight.mul_(k)
-    model.joint.pred.bias.copy_(model.joint.pred.bias - gp.mean(0) * k)
-    conv = model.ctc_decoder.decoder_layers[0]
-    wc = conv.weight[:, :, 0] / sd[None]
-    wc = wc * 2.0 / ((e - mu) @ wc.T).std()
-    conv.bias.copy_(conv.bias - wc @ mu)
-    conv.weight[:, :, 0].copy_(wc)
-    logits = model.ctc_decoder(e[None])[0]
-    margin = logits[:, :blank].max(-1).values - logits[:, blank]
-    conv.bias[blank] += torch.quantile(margin, 1.0 - tokens_per_frame)
-    ctc_rate = float((model.ctc_decoder(e[None])[0].argmax(-1) != blank).float().mean())
-    jbias = model.joint.joint_net[-1].bias
-    base = float(jbias[blank])
-    max_symbols = model.spec.rnnt.max_symbols
-
-    def emitted(shift: float) -> torch.Tensor:
-        jbias[blank] = base + shift
-        per_frame = []
-        for x in encs:
-            g, state = model.decoder.step(torch.full((1,), blank), model.decoder.initial_state(1))
-            toks, _, _ = rnnt_greedy(model.joint, model.decoder, x[None], torch.tensor([x.shape[0]]), state, g,
-                                     max_symbols)
-            per_frame.append((toks[0] >= 0).sum(-1))
-        return torch.cat(per_frame).float()
-
-    lo, hi = -40.0, 40.0
-    while float(emitted(hi).mean()) > tokens_per_frame:
-        hi *= 2
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if float(emitted(mid).mean()) > tokens_per_frame:
-            lo = mid
-        else:
-            hi = mid
-    per = emitted(hi)
-    return {"rnnt_tokens_per_frame": round(float(per.mean()), 3),
-            "rnnt_emitting_frames": round(float((per > 0).float().mean()), 3),
-            "ctc_tokens_per_frame": round(ctc_rate, 3), "calibration_frames": int(e.shape[0])}
-
-
 def build_random_model(size: str, path: Path, seed: int, tokens_per_frame: float, max_symbols: int) -> dict:
     import torch
 
@@ -219,6 +136,9 @@ def build_random_model(size: str, path: Path, seed: int, tokens_per_frame: float
     from chorus.asr.conformer.checkpoint import save_fastconformer
     from chorus.asr.conformer.model import EncoderConfig
     from chorus.stream.features import MelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conformer_streaming import calibrate_heads, synthetic_tokenizer  # the same calibration as that bench
 
     d, layers, heads, ch, hidden, vocab = SIZES[size]
     torch.manual_seed(seed)
