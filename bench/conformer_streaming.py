@@ -80,7 +80,7 @@ from chorus.asr.conformer.decoding import rnnt_greedy
 from chorus.asr.conformer.model import EncoderConfig
 from chorus.asr.conformer.streaming import ConformerStreamer, StreamSetting
 from chorus.codecs import read_audio, resample
-from chorus.stream.chunking import FrameChunker
+from chorus.stream.chunking import whole_utterance_chunks
 from chorus.stream.features import MelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,15 +211,8 @@ def loop_clip(audio: np.ndarray, start: int, n: int) -> np.ndarray:
 
 
 def chunks_of(model, setting: StreamSetting, samples: np.ndarray) -> list[Tick]:
-    mel = model.frontend.offline(samples)
-    chunker = FrameChunker(setting.plan, mel.shape[0])
-    chunker.push(mel)
-    chunker.finish()
-    out = []
-    while chunker.ready():
-        chunk, consumed = chunker.take()
-        out.append(Tick(chunk.contiguous(), consumed, not out))
-    return out
+    chunks = whole_utterance_chunks(setting.plan, model.frontend.offline(samples))
+    return [Tick(chunk.contiguous(), consumed, i == 0) for i, (chunk, consumed) in enumerate(chunks)]
 
 
 def staggered_workload(model, setting, audio, n_streams, seconds, seed) -> list[list[Tick]]:

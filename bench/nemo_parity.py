@@ -47,7 +47,7 @@ from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconform
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.streams import transcribe_samples
 from chorus.codecs import read_audio, resample
-from chorus.stream.chunking import FrameChunker
+from chorus.stream.chunking import whole_utterance_chunks
 from chorus.stream.features import OnlineMel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +78,8 @@ def stream_encoder(engine, mel, context):
     setting = engine.setting(context)
     slot = engine.open()
     try:
-        chunker = FrameChunker(setting.plan, mel.shape[0])
-        chunker.push(mel)
-        chunker.finish()
         out = []
-        while chunker.ready():
-            chunk, consumed = chunker.take()
+        for chunk, consumed in whole_utterance_chunks(setting.plan, mel):
             out.append(engine.step([slot], [chunk], [consumed], setting, [engine.model.default_decoder])[0].encoded)
     finally:
         engine.close(slot)

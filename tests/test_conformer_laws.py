@@ -9,7 +9,7 @@ import torch
 
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.streams import AsrStream, run_to_end, step_streams, transcribe_samples
-from chorus.stream.chunking import FrameChunker
+from chorus.stream.chunking import FrameChunker, whole_utterance_chunks
 from factories import MULTI_LOOKAHEAD, random_mel, tiny_model, train_tokenizer
 
 TOL = 1e-4
@@ -20,12 +20,8 @@ def stream_alone(engine, mel, context, decoder):
     setting = engine.setting(context)
     slot = engine.open()
     try:
-        chunker = FrameChunker(setting.plan, mel.shape[0])
-        chunker.push(mel)
-        chunker.finish()
         encoded, tokens = [], []
-        while chunker.ready():
-            chunk, consumed = chunker.take()
+        for chunk, consumed in whole_utterance_chunks(setting.plan, mel):
             r = engine.step([slot], [chunk], [consumed], setting, [decoder])[0]
             encoded.append(r.encoded)
             tokens += r.tokens
@@ -197,12 +193,8 @@ def test_encoder_only_step_matches_the_full_step(model):
     outs = []
     for decoders in (None, ["rnnt"]):
         slot = engine.open()
-        chunker = FrameChunker(setting.plan, 80)
-        chunker.push(mel)
-        chunker.finish()
         encoded = []
-        while chunker.ready():
-            chunk, consumed = chunker.take()
+        for chunk, consumed in whole_utterance_chunks(setting.plan, mel):
             r = engine.step([slot], [chunk], [consumed], setting, decoders)[0]
             encoded.append(r.encoded)
             assert decoders or not r.tokens

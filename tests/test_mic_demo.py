@@ -11,24 +11,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
+from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.transcribe import transcribe_files
 from chorus.server.app import ServerConfig
 from chorus.server.registry import ModelRegistry
-from factories import tiny_model, train_tokenizer
 from test_server import ServerThread
 
 MIC = Path(__file__).resolve().parents[1] / "demos" / "mic.py"
 TOKEN = "mic-demo-token"
 FINAL_LINE = re.compile(r"^\[\s*(\d+\.\d\d) -\s*(\d+\.\d\d)\] (.+)$")
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.nemo"
-    save_fastconformer(path, tiny_model(seed=11), train_tokenizer())
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
+from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.transcribe import transcribe_files
 from chorus.codecs import encode
 from chorus.server.app import AsrServer, ServerConfig
 from chorus.server.registry import ModelRegistry
-from factories import tiny_model, train_tokenizer
 
 SLOTS = 20
 
@@ -52,13 +51,6 @@ class ServerThread:
                 return
             time.sleep(0.02)
         raise AssertionError(f"slots still in use: {[p.used for p in pools]}, connections {self.server.connections}")
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.nemo"
-    save_fastconformer(path, tiny_model(seed=11), train_tokenizer())
-    return path
 
 
 @pytest.fixture(scope="module")

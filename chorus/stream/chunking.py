@@ -60,3 +60,14 @@ class FrameChunker:
         self._pending = self._pending[consumed:]
         self.consumed += consumed
         return chunk, consumed
+
+
+def whole_utterance_chunks(plan: ChunkPlan, mel: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Every (chunk, consumed) step of a stream whose features [n_features, T] are all known."""
+    chunker = FrameChunker(plan, mel.shape[0])
+    chunker.push(mel)
+    chunker.finish()
+    chunks = []
+    while chunker.ready():
+        chunks.append(chunker.take())
+    return chunks
