@@ -88,7 +88,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         if rate != self.frontend.config.sample_rate:
             audio = resample(audio, rate, self.frontend.config.sample_rate)
         rng = np.random.default_rng((self.seed, self.epoch, i))
-        if self.train:
+        if self.train or row.get("augment"):  # (repeated copies of real speech are always augmented)
             audio = pad_silence(audio, rng, self.frontend.config.sample_rate)
             audio = augment.random_augment(audio, rng)
         mel = self.frontend.offline(audio)
@@ -109,6 +109,15 @@ def collate(items):
         target[i, :len(t)] = t
     return (mel, torch.tensor([m.shape[1] for m in mels]), target,
             torch.tensor([len(t) for t in tokens]))
+
+
+def repeat_source(rows: list[dict], source: str, times: int) -> list[dict]:
+    """The rows plus (times - 1) augmented copies of those from `source`.
+
+    FSDD is the only real speech in the corpus and a sliver of it (1,440 short clips among ~25,000
+    utterances); repeating it, each copy with its own audio augmentation, weighs real voices more."""
+    extra = [dict(r, augment=True) for r in rows if r.get("source") == source]
+    return rows + extra * (times - 1)
 
 
 def hours(rows: list[dict]) -> float:

@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--ctc-only-steps", type=int, default=800,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
                         "learns the text's language model and the encoder stays on the blank plateau")
+    p.add_argument("--fsdd-repeat", type=int, default=1,
+                   help="present each FSDD (real speech) clip this many times per epoch, the copies augmented")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
@@ -139,9 +141,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     train_rows = [r for r in data.read_manifest(args.corpus / "train.json") if r["duration"] <= args.max_duration]
+    train_rows = data.repeat_source(train_rows, "fsdd", args.fsdd_repeat)
     dev_rows = data.read_manifest(args.corpus / "dev.json")
     print(f"train: {len(train_rows)} utterances, {data.hours(train_rows):.1f} h; dev: {len(dev_rows)}", flush=True)
-    tokenizer = train_tokenizer([r["text"] for r in train_rows], args.vocab_size, args.work / "tokenizer.model")
+    tokenizer = train_tokenizer([r["text"] for r in train_rows if not r.get("augment")], args.vocab_size, args.work / "tokenizer.model")
     model = FastConformerModel(build_spec(args.size, tokenizer.vocab_size)).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {n_params / 1e6:.2f} M parameters, threads {torch.get_num_threads()}", flush=True)
