@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
 
@@ -32,6 +33,15 @@ def test_recipe_smoke(tmp_path):
     loaded = load_fastconformer(model_path)  # the same loader as any NeMo checkpoint
     assert loaded.model.decoders == ("rnnt", "ctc")
     assert [list(c) for c in loaded.config["encoder"]["att_context_size"]] == [[70, 13], [70, 6], [70, 1], [70, 0]]
+    # --smoke keeps a snapshot per step and exports the mean of the last two
+    assert "averaging the weights of steps [2, 3]" in first.stdout
+    snapshots = [torch.load(work / f"step{s}.pt", weights_only=True)["model"] for s in (2, 3)]
+    exported = loaded.model.state_dict()
+    weights = [k for k, v in snapshots[1].items() if v.is_floating_point() and k in exported]
+    assert len(weights) > 20
+    for k in weights:
+        torch.testing.assert_close(exported[k], (snapshots[0][k] + snapshots[1][k]) / 2)
+    assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in weights)  # they did train
     # resume: a second invocation with more steps continues from the checkpoint
     out = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                           "--work", str(work)], check=True, timeout=600, capture_output=True, text=True)

@@ -100,6 +100,19 @@ def save_checkpoint(path: Path, model, opt, state: dict) -> None:
     tmp.replace(path)
 
 
+def average_snapshots(work: Path, last_step: int, n: int) -> dict:
+    """Mean weights of the n latest stepN.pt snapshots up to last_step (checkpoint averaging: the
+    last steps of a decayed schedule wander around a minimum; their mean usually sits closer)."""
+    steps = sorted(int(p.stem[4:]) for p in work.glob("step*.pt") if p.stem[4:].isdigit())
+    chosen = [s for s in steps if s <= last_step][-n:]
+    if len(chosen) < n:
+        raise SystemExit(f"--average {n}: only {len(chosen)} snapshots up to step {last_step} in {work}")
+    states = [torch.load(work / f"step{s}.pt", map_location="cpu", weights_only=True)["model"] for s in chosen]
+    print(f"averaging the weights of steps {chosen}", flush=True)
+    return {k: sum(st[k] for st in states) / n if states[0][k].is_floating_point() else states[-1][k]
+            for k in states[0]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=HERE / "work" / "corpus")
@@ -127,6 +140,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-limit", type=int, default=200, help="dev utterances per evaluation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snapshot-every", type=int, default=0, help="also keep stepN.pt every N steps (0: off)")
+    p.add_argument("--average", type=int, default=1,
+                   help="export the mean weights of the last N snapshots (--snapshot-every) instead of the last step")
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
@@ -134,6 +150,7 @@ def main() -> None:
         args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 3, 1, 64
         args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
         args.curriculum_steps, args.ctc_only_steps = 1, 1
+        args.snapshot_every, args.average = 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -201,7 +218,8 @@ def main() -> None:
             done = state["step"] >= args.max_steps
             if state["step"] % args.save_every == 0 or done:
                 save_checkpoint(ckpt_path, model, opt, state)
-            if state["step"] in (args.ctc_only_steps, args.curriculum_steps):  # kept: a fallback per phase
+            if state["step"] in (args.ctc_only_steps, args.curriculum_steps) or (  # kept: a fallback per phase
+                    args.snapshot_every and state["step"] % args.snapshot_every == 0):
                 save_checkpoint(args.work / f"step{state['step']}.pt", model, opt, state)
             if state["step"] % args.eval_every == 0 or done:
                 try:
@@ -220,6 +238,8 @@ def main() -> None:
     bar.close()
     (args.work / "log.json").write_text(json.dumps(state["log"]))
     if args.export:
+        if args.average > 1:
+            model.load_state_dict(average_snapshots(args.work, args.max_steps, args.average))
         args.export.parent.mkdir(parents=True, exist_ok=True)
         save_fastconformer(args.export, model.eval(), tokenizer)
         print(f"exported {args.export} ({args.export.stat().st_size / 2**20:.1f} MiB)", flush=True)
