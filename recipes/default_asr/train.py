@@ -119,19 +119,19 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / "work" / "train")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--max-steps", type=int, default=11000)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per batch")
     p.add_argument("--max-batch-items", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
-    p.add_argument("--curriculum-steps", type=int, default=3000,
+    p.add_argument("--curriculum-steps", type=int, default=11000,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
     p.add_argument("--ctc-only-steps", type=int, default=800,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
                         "learns the text's language model and the encoder stays on the blank plateau")
-    p.add_argument("--fsdd-repeat", type=int, default=1,
+    p.add_argument("--fsdd-repeat", type=int, default=4,
                    help="present each FSDD (real speech) clip this many times per epoch, the copies augmented")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
     p.add_argument("--threads", type=int, default=None)
