@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshot-every", type=int, default=0, help="also keep stepN.pt every N steps (0: off)")
     p.add_argument("--average", type=int, default=1,
-                   help="export the mean weights of the last N snapshots (--snapshot-every) instead of the last step")
+                   help="export the mean weights of the last N snapshots (--snapshot-every), not the last step")
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
