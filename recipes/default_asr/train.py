@@ -135,7 +135,7 @@ def main() -> None:
                    help="present each FSDD (real speech) clip this many times per epoch, the copies augmented")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (matmuls and convolutions; weights stay fp32)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay fp32)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-limit", type=int, default=200, help="dev utterances per evaluation")
