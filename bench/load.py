@@ -52,7 +52,8 @@ Random models (--random-size; weights seeded, nothing downloaded):
          d_model 144, 4 heads, 64 subsampling channels, RNNT 256/256 + CTC, 256 tokens, same contexts.
 Random weights make greedy decoders emit on every frame (RNNT: max_symbols labels per frame), which
 would make decoding cost unrealistic.  The heads are calibrated with bench/conformer_streaming.py's
-`calibrate_heads` on encoder outputs of the audio (input projections re-centred, then): RNNT blank bias bisected to --tokens-per-frame labels per 80 ms frame (default 0.25, about
+`calibrate_heads` on encoder outputs of the audio (input projections re-centred, then): RNNT blank
+bias bisected to --tokens-per-frame labels per 80 ms frame (default 0.25, about
 3 tokens/s, like a trained English model on read speech), CTC blank bias shifted by the matching
 quantile.  Random heads that emit at all emit in bursts (a frame that emits one label emits
 max_symbols of them: ~3% of frames, 10 labels each), unlike a trained model (mostly one label per
@@ -70,10 +71,8 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -49,7 +49,6 @@ for p in (str(HERE), str(REPO)):
 
 import text_sources  # noqa: E402
 import voices as voicelib  # noqa: E402
-from chorus.asr.textnorm import normalize_text  # noqa: E402
 
 try:
     from tqdm import tqdm

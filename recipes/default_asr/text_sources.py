@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import random
 import re
 import sys
