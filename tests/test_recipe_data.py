@@ -1,4 +1,5 @@
-"""The default-model recipe's data loader: repeated real-speech copies are augmented, the rest is not."""
+"""The default-model recipe's data loader: SpecAugment masks, and repeated real-speech copies."""
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -6,12 +7,24 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from chorus.stream.features import MelConfig, MelFrontend
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default_asr"
-sys.path.insert(0, str(RECIPE))
 
-import data  # noqa: E402
 
-from chorus.stream.features import MelConfig, MelFrontend  # noqa: E402
+def _load_recipe_data():
+    """recipes/default_asr/data.py as a module (it imports its sibling `augment` as the recipe does)."""
+    sys.path.insert(0, str(RECIPE))
+    try:
+        spec = importlib.util.spec_from_file_location("default_asr_data", RECIPE / "data.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(RECIPE))
+    return module
+
+
+data = _load_recipe_data()
 
 
 class LetterTokenizer:
@@ -53,3 +66,15 @@ def test_augmented_copies_differ_and_plain_rows_do_not(tmp_path):
     assert not (copies[0].shape == plain[1].shape and torch.allclose(copies[0], plain[1]))
     assert not (copies[0].shape == copies[1].shape and torch.allclose(copies[0], copies[1]))
     assert ds[2][1].tolist() == ds[1][1].tolist() == [26, 5, 18, 15]  # same transcript
+
+
+def test_spec_augment_masks_with_the_utterance_mean_not_zero():
+    """The default model's log-mel is unnormalized: 0.0 would be a loud band, the mean is neutral."""
+    mel = torch.randn(80, 400) * 4 - 10
+    before = mel.clone()
+    out = data.spec_augment(mel, np.random.default_rng(3), freq_masks=2, freq_width=15, time_masks=5,
+                            time_fraction=0.05)
+    changed = out != mel
+    assert changed.any() and torch.equal(mel, before)  # masked something, input untouched
+    assert torch.allclose(out[changed], torch.full_like(out[changed], float(mel.mean())))
+    assert not (out == 0).any()
