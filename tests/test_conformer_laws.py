@@ -201,3 +201,58 @@ def test_encoder_only_step_matches_the_full_step(model):
         engine.close(slot)
         outs.append(torch.cat(encoded))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The shipped default model (trained weights) and the log-mel of the bundled sample."""
+    from chorus.asr.conformer.checkpoint import load_fastconformer
+    from chorus.asr.transcribe import default_model_path
+    from chorus.codecs import read_audio
+
+    loaded = load_fastconformer(default_model_path())
+    audio, rate = read_audio(default_model_path().parents[1] / "samples" / "held_out_voice.flac")
+    assert rate == loaded.model.frontend.config.sample_rate
+    return loaded.model, loaded.model.frontend.offline(audio)
+
+
+@pytest.mark.parametrize("decoder", ["rnnt", "ctc"])
+def test_bundled_model_law1_every_lookahead(bundled, decoder):
+    """The laws hold for the trained weights that ship, not only for random test models."""
+    model, mel = bundled
+    engine = ConformerStreamer(model, slots=2)
+    for context in model.spec.encoder.att_context_size:
+        on_enc, on_tok = stream_alone(engine, mel, context, decoder)
+        off_enc, off_tok = offline(model, mel, context, decoder)
+        assert on_enc.shape == off_enc.shape
+        assert (on_enc - off_enc).abs().max().item() <= TOL, context
+        assert on_tok == off_tok and len(on_tok) > 10, context
+
+
+def test_bundled_model_law2_batched_equals_alone(bundled):
+    """The sample and a later-starting shorter copy, stepped together, equal each alone."""
+    model, mel = bundled
+    engine = ConformerStreamer(model, slots=2)
+    context = (70, 6)
+    mels = [mel, mel[:, 37:400].contiguous()]
+    expected = [stream_alone(engine, m, context, "rnnt") for m in mels]
+    setting = engine.setting(context)
+    queues = [whole_utterance_chunks(setting.plan, m) for m in mels]
+    queues[1] = [None] * 3 + queues[1]  # the second stream starts three steps later
+    slots = [engine.open(), engine.open()]
+    got = [([], []), ([], [])]
+    together = 0
+    for tick in range(max(map(len, queues))):
+        ready = [i for i in (0, 1) if tick < len(queues[i]) and queues[i][tick] is not None]
+        results = engine.step([slots[i] for i in ready], [queues[i][tick][0] for i in ready],
+                              [queues[i][tick][1] for i in ready], setting, ["rnnt"] * len(ready))
+        together += len(ready) == 2
+        for i, r in zip(ready, results):
+            got[i][0].append(r.encoded)
+            got[i][1].extend(r.tokens)
+    for s in slots:
+        engine.close(s)
+    assert together >= 3
+    for (enc, tok), (encs, toks) in zip(expected, got):
+        assert (torch.cat(encs) - enc).abs().max().item() <= TOL
+        assert toks == tok
