@@ -1,6 +1,6 @@
 """Build the synthetic English ASR corpus: 16 kHz mono FLAC clips and NeMo-style JSON-lines manifests.
 
-    python recipes/default_asr/make_corpus.py --hours 20 --workers 2          # full build (hours of train audio)
+    python recipes/default_asr/make_corpus.py --hours 40 --workers 2          # full build (hours of train audio)
     python recipes/default_asr/make_corpus.py --smoke                          # a few clips per split, seconds
 
 Output (default ``recipes/default_asr/work/corpus``, git-ignored; ``--smoke`` defaults to ``work/corpus_smoke``):
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Build the synthetic English ASR corpus (see the module docstring).")
     ap.add_argument("--out", type=Path, default=None,
                     help="output directory (default recipes/default_asr/work/corpus, or work/corpus_smoke)")
-    ap.add_argument("--hours", type=float, default=20.0, help="target hours of synthetic train audio")
+    ap.add_argument("--hours", type=float, default=40.0, help="target hours of synthetic train audio")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a handful of utterances per split, for CI")
