@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / "work" / "train")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=16200)
+    p.add_argument("--max-steps", type=int, default=22500)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per batch")
     p.add_argument("--max-batch-items", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
