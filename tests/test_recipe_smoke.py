@@ -25,6 +25,11 @@ def test_recipe_smoke(tmp_path):
                     "--workers", "1"], check=True, timeout=600, capture_output=True)
     train = [json.loads(line) for line in open(corpus / "train.json")]
     assert train and all((corpus / r["audio_filepath"]).exists() for r in train)
+    digit_words = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    digits = [r for r in train if r["source"] == "digits"]
+    assert digits and all(set(r["text"].split()) <= digit_words for r in digits)
+    held_out = set(json.loads((corpus / "voices.json").read_text())["held_out"].values())
+    assert not held_out & {r["voice"] for r in train}
     model_path = work / "model.nemo"
     first = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                             "--work", str(work), "--export", str(model_path)],

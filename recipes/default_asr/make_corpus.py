@@ -5,7 +5,8 @@
 
 Output (default ``recipes/default_asr/work/corpus``, git-ignored; ``--smoke`` defaults to ``work/corpus_smoke``):
 
-    train.json               training voices x training sentences, plus FSDD george / jackson / lucas
+    train.json               training voices x training sentences, plus synthetic spoken digits (isolated and in
+                             short strings, --digit-clips) and FSDD george / jackson / lucas
     dev.json                 training voices x ~300 held-out sentences, plus a few FSDD takes of the same speakers
     test_mb-us2.json         held-out voice espeak-ng mb-us2 x ~300 held-out test sentences
     test_awb.json            held-out voice flite awb x the same test sentences
@@ -56,7 +57,7 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 SR = voicelib.SAMPLE_RATE
-SPLIT_CODES = {"train": 1, "dev": 2, "test_mb-us2": 3, "test_awb": 4}
+SPLIT_CODES = {"train": 1, "dev": 2, "test_mb-us2": 3, "test_awb": 4, "train_digits": 5}
 TEST_VOICE_SPLITS = {"mb-us2": "test_mb-us2", "awb": "test_awb"}  # voices.HELD_OUT key -> split
 FSDD_TRAIN_SPEAKERS = ("george", "jackson", "lucas")
 FSDD_TEST_SPEAKER = "nicolas"
@@ -206,6 +207,17 @@ class Runner:
         if self.pool is not None:
             self.pool.close()
             self.pool.join()
+
+
+def digit_sentences(n: int, seed: int) -> list[text_sources.Sentence]:
+    """n spoken-digit utterances: two thirds a single digit word (each digit equally often), the rest strings
+    of 2-5 digits as in PINs and phone numbers. The sentence sources have digit words only inside sentences;
+    these teach the short, isolated words that FSDD has from three speakers only."""
+    rng = random.Random(seed * 7919 + 5)
+    n_single = 2 * n // 3
+    texts = [DIGIT_WORDS[i % 10] for i in range(n_single)]
+    texts += [" ".join(rng.choice(DIGIT_WORDS) for _ in range(rng.randint(2, 5))) for _ in range(n - n_single)]
+    return [text_sources.Sentence(text=t, tts=t, source="digits") for t in texts]
 
 
 def run_fixed_split(runner: Runner, jobs: list[dict], desc: str, failures: list[dict]) -> list[dict]:
@@ -414,6 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sentence-words", type=int, default=text_sources.MAX_WORDS)
     ap.add_argument("--dev-sentences", type=int, default=300)
     ap.add_argument("--test-sentences", type=int, default=300)
+    ap.add_argument("--digit-clips", type=int, default=3000,
+                    help="synthetic spoken-digit clips added to train (training voices)")
     ap.add_argument("--fsdd-dir", type=Path, default=None,
                     help="Free Spoken Digit Dataset recordings (default <repo>/../shared/data/fsdd)")
     args = ap.parse_args(argv)
@@ -469,6 +483,9 @@ def main(argv=None) -> int:
         splits["train"] = run_train(runner, out, train_s, names, weights, args.seed, args.hours * 3600,
                                     8 if args.smoke else None, failures)
         train_wall = time.time() - t_train
+        digits = digit_sentences(4 if args.smoke else args.digit_clips, args.seed)
+        jobs = [make_job(out, "train_digits", i, s, names, weights, args.seed) for i, s in enumerate(digits)]
+        splits["train"] += run_fixed_split(runner, jobs, "train digits", failures)
     finally:
         runner.close()
 
