@@ -38,9 +38,11 @@ def test_recipe_smoke(tmp_path):
     loaded = load_fastconformer(model_path)  # the same loader as any NeMo checkpoint
     assert loaded.model.decoders == ("rnnt", "ctc")
     assert [list(c) for c in loaded.config["encoder"]["att_context_size"]] == [[70, 13], [70, 6], [70, 1], [70, 0]]
-    # --smoke keeps a snapshot per step and exports the mean of the last two
-    assert "averaging the weights of steps [2, 3]" in first.stdout
-    snapshots = [torch.load(work / f"step{s}.pt", weights_only=True)["model"] for s in (2, 3)]
+    # --smoke snapshots every step, writes only the two it averages (and step 1, the CTC-only phase's
+    # fallback), and exports their mean
+    assert "averaging the weights of steps [3, 4]" in first.stdout
+    assert sorted(p.name for p in work.glob("step*.pt")) == ["step1.pt", "step3.pt", "step4.pt"]
+    snapshots = [torch.load(work / f"step{s}.pt", weights_only=True)["model"] for s in (3, 4)]
     exported = loaded.model.state_dict()
     weights = [k for k, v in snapshots[1].items() if v.is_floating_point() and k in exported]
     assert len(weights) > 20
@@ -50,7 +52,7 @@ def test_recipe_smoke(tmp_path):
     # resume: a second invocation with more steps continues from the checkpoint
     out = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                           "--work", str(work)], check=True, timeout=600, capture_output=True, text=True)
-    assert "resumed at step 3" in out.stdout
+    assert "resumed at step 4" in out.stdout
     audio = corpus / train[0]["audio_filepath"]
     cli = subprocess.run([sys.executable, "-m", "chorus.cli", "transcribe", str(audio), "--model", str(model_path),
                           "--json"], check=True, timeout=300, capture_output=True, text=True)

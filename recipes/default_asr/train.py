@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=HERE / "work" / "train")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=22500)
+    p.add_argument("--max-steps", type=int, default=34000)
     p.add_argument("--batch-seconds", type=float, default=80.0, help="padded audio seconds per batch")
     p.add_argument("--max-batch-items", type=int, default=48)
     p.add_argument("--lr", type=float, default=1.5e-3)
@@ -140,17 +140,20 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--eval-limit", type=int, default=200, help="dev utterances per evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshot-every", type=int, default=0, help="also keep stepN.pt every N steps (0: off)")
-    p.add_argument("--average", type=int, default=1,
-                   help="export the mean weights of the last N snapshots (--snapshot-every), not the last step")
+    p.add_argument("--snapshot-every", type=int, default=500,
+                   help="keep stepN.pt every N steps (0: off); with --average K > 1 only the last K are written")
+    p.add_argument("--average", type=int, default=4,
+                   help="export the mean weights of the last K snapshots (--snapshot-every), not the last step")
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
     if args.smoke:
-        args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 3, 1, 64
+        args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 4, 1, 64
         args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
         args.curriculum_steps, args.ctc_only_steps = 1, 1
         args.snapshot_every, args.average = 1, 2
+    if args.average > 1 and not args.snapshot_every:
+        p.error(f"--average {args.average} needs snapshots: give --snapshot-every N, or --average 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -169,6 +172,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     ckpt_path = args.work / "last.pt"
+    # averaging reads only the last K snapshots; writing every one would take ~60 MB each
+    snapshots_from = args.max_steps - args.average * args.snapshot_every if args.average > 1 else 0
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_wer": None, "log": []}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -220,7 +225,8 @@ def main() -> None:
             if state["step"] % args.save_every == 0 or done:
                 save_checkpoint(ckpt_path, model, opt, state)
             if state["step"] in (args.ctc_only_steps, args.curriculum_steps) or (  # kept: a fallback per phase
-                    args.snapshot_every and state["step"] % args.snapshot_every == 0):
+                    args.snapshot_every and state["step"] % args.snapshot_every == 0
+                    and state["step"] > snapshots_from):
                 save_checkpoint(args.work / f"step{state['step']}.pt", model, opt, state)
             if state["step"] % args.eval_every == 0 or done:
                 try:
