@@ -49,7 +49,7 @@ def test_recipe_smoke(tmp_path):
     for k in weights:
         torch.testing.assert_close(exported[k], (snapshots[0][k] + snapshots[1][k]) / 2)
     assert any(not torch.equal(snapshots[0][k], snapshots[1][k]) for k in weights)  # they did train
-    # resume: a second invocation with more steps continues from the checkpoint
+    # resume: a second invocation finds the checkpoint at --max-steps, trains nothing and stops
     out = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                           "--work", str(work)], check=True, timeout=600, capture_output=True, text=True)
     assert "resumed at step 4" in out.stdout
