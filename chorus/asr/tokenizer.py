@@ -29,6 +29,14 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode_as_ids(text)
 
+    def encode_as_pieces(self, text: str) -> list[str]:
+        return self._sp.encode_as_pieces(text)
+
+    @property
+    def pieces(self) -> list[str]:
+        """Every piece, by id (the words of a token-level language model)."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode_ids([int(i) for i in ids])
 
