@@ -11,6 +11,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=None, metavar="N",
+                   help="RNNT beam size; 1 is greedy (default: 8 with a language model, else 1)")
+    p.add_argument("--lm", default="auto", metavar="ARPA|none",
+                   help="token-level n-gram (ARPA, .gz ok) fused into the beam search; 'auto' (default) is the "
+                        "bundled LM for the bundled model and none for others")
+    p.add_argument("--lm-weight", type=float, default=None, help="weight of the LM's log probability (0.3)")
+    p.add_argument("--length-bonus", type=float, default=None,
+                   help="score added per token in beam search (1.0 with an LM, else 0)")
+
+
+def _search(args: argparse.Namespace, loaded):
+    from .asr.transcribe import make_search
+
+    return make_search(loaded, beam_size=args.beam, lm=args.lm, lm_weight=args.lm_weight,
+                       length_bonus=args.length_bonus)
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -25,6 +43,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"error: decoder {args.decoder!r} is not in this model (has {list(loaded.model.decoders)})",
               file=sys.stderr)
         return 2
+    search = _search(args, loaded)
     show_bar = len(args.files) > 1 and not args.chunk_stream and sys.stderr.isatty()
     bar = tqdm(total=len(args.files), unit="file", disable=not show_bar, file=sys.stderr)
 
@@ -34,7 +53,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     failures = 0
     for result in transcribe_files(loaded, engine, args.files, lookahead_ms=args.lookahead_ms,
                                    decoder=args.decoder, concurrency=args.concurrency,
-                                   on_chunk=on_chunk if args.chunk_stream else None):
+                                   on_chunk=on_chunk if args.chunk_stream else None, search=search):
         bar.update(1)
         failures += result.error is not None
         if args.json:
@@ -60,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
     lookaheads = [None] if args.lookahead_ms is None else [int(x) for x in args.lookahead_ms.split(",")]
     decoders = [args.decoder] if args.decoder else list(loaded.model.decoders)
+    search = _search(args, loaded)
     scores = []
     for manifest in args.manifests:
         n = len(read_manifest(manifest, args.limit))
@@ -68,14 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 with tqdm(total=n, unit="utt", desc=f"{manifest} {lookahead}ms {decoder}", file=sys.stderr,
                           disable=not sys.stderr.isatty(), leave=False) as bar:
                     score = score_manifest(loaded, engine, manifest, lookahead_ms=lookahead, decoder=decoder,
-                                           limit=args.limit, concurrency=args.concurrency, progress=bar.update)
+                                           limit=args.limit, concurrency=args.concurrency, progress=bar.update,
+                                           search=search)
                 scores.append(score)
                 if args.json:
                     print(json.dumps(score.as_json()), flush=True)
     if not args.json:
-        print(f"{'manifest':40} {'lookahead':>9} {'decoder':>7} {'utts':>5} {'WER':>7} {'CER':>7} {'exact':>7}")
+        print(f"{'manifest':40} {'lookahead':>9} {'decoder':>16} {'utts':>5} {'WER':>7} {'CER':>7} {'exact':>7}")
         for s in scores:
-            print(f"{s.manifest[-40:]:40} {s.lookahead_ms:>7}ms {s.decoder:>7} {s.utterances:>5} "
+            print(f"{s.manifest[-40:]:40} {s.lookahead_ms:>7}ms {s.decoder:>16} {s.utterances:>5} "
                   f"{100 * s.wer:6.2f}% {100 * s.cer:6.2f}% {100 * s.exact:6.2f}%")
     return 0
 
@@ -85,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from .asr.transcribe import load_model
+    from .asr.transcribe import load_model, make_search
     from .server.app import AsrServer, ServerConfig
     from .server.registry import ModelRegistry
 
@@ -97,7 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = [("default", args.model)] + [tuple(spec.split("=", 1)) for spec in args.add_model]
     for name, path in models:
         loaded = load_model(path, args.device)
-        registry.add(name, loaded, slots=args.slots, device=loaded.model.device)
+        # --lm names the default model's LM; other models get beam search without one when --beam > 1
+        search = _search(args, loaded) if name == "default" else make_search(loaded, beam_size=args.beam)
+        registry.add(name, loaded, slots=args.slots, device=loaded.model.device, search=search)
     tokens = tuple(t for t in (args.token or []) if t)
     if os.environ.get("CHORUS_TOKEN"):
         tokens += (os.environ["CHORUS_TOKEN"],)
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's first setting)")
     t.add_argument("--decoder", choices=["rnnt", "ctc"], default=None,
                    help="which head of a hybrid model to decode with (default: rnnt when present)")
+    _add_decoding_args(t)
     t.add_argument("--chunk-stream", action="store_true",
                    help="show the hypothesis after every chunk, as a live caption (on stderr)")
     t.add_argument("--json", action="store_true", help="print one JSON object per file")
@@ -141,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lookahead-ms", default=None, metavar="MS[,MS...]",
                    help="comma-separated lookaheads to score (default: the model's first setting)")
     e.add_argument("--decoder", choices=["rnnt", "ctc"], default=None, help="default: every head of the model")
+    _add_decoding_args(e)
     e.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     e.add_argument("--concurrency", type=int, default=16, help="files streamed (and batched) at once")
     e.add_argument("--json", action="store_true", help="one JSON object per score")
@@ -150,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH",
                    help="offer another .nemo under NAME (clients pick it with start.model)")
+    _add_decoding_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--slots", type=int, default=64, help="concurrent streams per model (state-pool slots)")

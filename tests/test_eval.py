@@ -47,3 +47,48 @@ def test_eval_scores_what_transcribe_produces(tmp_path):
         assert abs(s["cer"] - jiwer.cer(refs, hyps[la])) < 1e-3
     assert abs(scores[480]["exact"] - 2 / 3) < 1e-3
     assert [w["ref"] for w in scores[480]["worst"]] == [refs[2]]
+
+
+def test_transcribe_and_eval_with_beam_search_and_an_lm(tmp_path):
+    """`--beam/--lm` reach the streaming path; a bad LM file is one clear error line."""
+    from chorus.asr.ngram import estimate_kneser_ney, write_arpa
+    from chorus.asr.transcribe import make_search
+    from factories import TEXT
+
+    tokenizer = train_tokenizer(32)
+    model_path = tmp_path / "tiny.nemo"
+    save_fastconformer(model_path, tiny_model(seed=5), tokenizer)
+    arpa = tmp_path / "lm.arpa.gz"
+    write_arpa(estimate_kneser_ney([tokenizer.encode_as_pieces(t) for t in TEXT], 3), arpa)
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, (np.random.default_rng(3).standard_normal(24000) * 0.1).astype(np.float32), 16000)
+    loaded = load_fastconformer(model_path)
+    search = make_search(loaded, beam_size=4, lm=str(arpa), length_bonus=4.0)
+    expected, = transcribe_files(loaded, ConformerStreamer(loaded.model, slots=1), [str(clip)], lookahead_ms=480,
+                                 decoder="rnnt", search=search)
+    assert expected.decoder == "rnnt beam 4 + lm" and expected.text
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "chorus.cli", *args, "--model", str(model_path)],
+                              capture_output=True, text=True, timeout=300)
+
+    out = cli("transcribe", str(clip), "--lookahead-ms", "480", "--beam", "4", "--lm", str(arpa),
+              "--length-bonus", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["tokens"] == expected.tokens and got["text"] == expected.text and got["decoder"] == "rnnt beam 4 + lm"
+
+    with open(tmp_path / "test.json", "w") as f:
+        f.write(json.dumps({"audio_filepath": clip.name, "duration": 1.5, "text": expected.text}) + "\n")
+    out = cli("eval", str(tmp_path / "test.json"), "--lookahead-ms", "480", "--decoder", "rnnt", "--beam", "4",
+              "--lm", str(arpa), "--length-bonus", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    score = json.loads(out.stdout)
+    assert score["decoder"] == "rnnt beam 4 + lm" and score["wer"] == 0.0
+
+    (tmp_path / "bad.arpa").write_text("not an lm\n")
+    for args, message in [(["--lm", str(tmp_path / "bad.arpa")], "unexpected line"),
+                          (["--lm", str(arpa), "--beam", "1"], "needs beam search"),
+                          (["--beam", "0"], "at least 1")]:
+        out = cli("transcribe", str(clip), *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.transcribe import transcribe_files
+from chorus.asr.transcribe import make_search, transcribe_files
 from chorus.codecs import encode
 from chorus.server.app import AsrServer, ServerConfig
 from chorus.server.registry import ModelRegistry
@@ -167,6 +167,45 @@ def test_sixteen_clients_match_chorus_transcribe(server, model_path, tmp_path):
     assert max(b for b, n in zip(batch.buckets, batch._counts[("default",)]) if n) > 1, "never batched"
 
 
+def test_beam_search_clients_match_chorus_transcribe(server, model_path, tmp_path):
+    """Clients asking for beam search get what `chorus transcribe --beam 4` gives, batched with a greedy one."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"beam{i}.wav")
+        _write_clip(paths[-1], 1.1 + 0.4 * i, 16000, "PCM_16", seed=40 + i)
+    loaded = load_fastconformer(model_path)
+    engine = ConformerStreamer(loaded.model, slots=3)
+    expected = {}
+    for beam in (1, 4):
+        results = transcribe_files(loaded, engine, [str(p) for p in paths], lookahead_ms=480, decoder="rnnt",
+                                   search=make_search(loaded, beam_size=beam))
+        expected[beam] = [r.text.strip() for r in results]
+    assert expected[1] != expected[4]
+
+    async def clients():
+        return await asyncio.gather(*[
+            stream_file(server.url, encode(sf.read(p, dtype="float32")[0], "pcm_s16le"),
+                        {"lookahead_ms": 480, "endpointing": False, **({"beam_size": beam} if beam else {})},
+                        piece=1280, pace=0.002)
+            for p in paths for beam in (None, 4)])
+
+    results = run(clients())
+    for k, msgs in enumerate(results):
+        beam = 4 if k % 2 else 1
+        assert msgs[0]["beam_size"] == beam and msgs[0]["lm"] is False
+        assert finals_text(msgs) == expected[beam][k // 2]
+
+
+def test_beam_search_stream_goes_on_across_endpoints(server):
+    """Each endpoint keeps the best hypothesis' state and starts the next utterance empty."""
+    audio = encode((np.random.default_rng(8).standard_normal(16000 * 3) * 0.1).astype(np.float32), "pcm_s16le")
+    msgs = run(stream_file(server.url, audio, {"beam_size": 3, "endpointing": {"max_utterance_ms": 800}}, 3200))
+    finals = [m for m in msgs if m.get("type") == "final"]
+    assert [m["utterance"] for m in finals] == list(range(len(finals)))
+    assert finals[0]["reason"] == "endpoint" and finals[0]["text"]
+    assert finals[-1]["reason"] == "stop" and msgs[-1] == {"closed": 1000}
+
+
 def test_finalize_then_continue_and_endpoint_by_length(server):
     rng = np.random.default_rng(5)
     audio = encode((rng.standard_normal(16000 * 3) * 0.1).astype(np.float32), "pcm_s16le")
@@ -210,6 +249,10 @@ def test_finalize_then_continue_and_endpoint_by_length(server):
     (['{"type": "start", "sample_rate": 4000}'], "unsupported_sample_rate", 1003),
     (['{"type": "start", "sample_rate": 16000.5}'], "bad_message", 1008),
     (['{"type": "start", "lookahead_ms": 300}'], "unsupported_option", 1003),
+    (['{"type": "start", "beam_size": 0}'], "unsupported_option", 1003),
+    (['{"type": "start", "beam_size": 17}'], "unsupported_option", 1003),
+    (['{"type": "start", "beam_size": 4, "decoder": "ctc"}'], "unsupported_option", 1003),
+    (['{"type": "start", "beam_size": "4"}'], "bad_message", 1008),
     (['{"type": "start", "colour": "red"}'], "bad_message", 1008),
     (['{"type": "start", "endpointing": {"silence_after_speech_ms": -5}}'], "bad_message", 1008),
     (['{"type": "start"}', '{"type": "start"}'], "already_started", 1008),

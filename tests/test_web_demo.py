@@ -31,7 +31,7 @@ import chorus
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.textnorm import normalize_text
-from chorus.asr.transcribe import default_model_path, transcribe_files
+from chorus.asr.transcribe import default_model_path, make_search, transcribe_files
 from chorus.codecs import read_audio, resample
 from chorus.server.app import ServerConfig
 from chorus.server.registry import ModelRegistry
@@ -215,7 +215,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     registry = ModelRegistry()
-    registry.add("default", load_fastconformer(setup[0]), slots=4)
+    loaded = load_fastconformer(setup[0])
+    registry.add("default", loaded, slots=4, search=make_search(loaded))  # the decoding `chorus serve` uses
     srv = ServerThread(registry, ServerConfig(port=0, auth_tokens=(TOKEN,), batch_wait_ms=5))
     yield srv
     srv.stop()
@@ -266,9 +267,10 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path):
     if reference is not None:
         # The words can only be checked with a model that recognises the sample: the bundled one does
         # not yet (issue #4, README "The default model"); until it does, this says so instead.
-        loaded = server.server.registry.get("default").loaded
-        engine = ConformerStreamer(loaded.model, slots=1)
-        offline = next(iter(transcribe_files(loaded, engine, [str(SAMPLE_AUDIO)], lookahead_ms=None, decoder=None)))
+        entry = server.server.registry.get("default")
+        engine = ConformerStreamer(entry.loaded.model, slots=1)
+        offline = next(iter(transcribe_files(entry.loaded, engine, [str(SAMPLE_AUDIO)], lookahead_ms=None,
+                                             decoder=None, search=entry.search)))
         if word_recall(reference, offline.text) < 0.9:
             warnings.warn(f"word check skipped: the bundled model transcribes the sample file itself as "
                           f"{offline.text!r}; the page showed {text!r}")

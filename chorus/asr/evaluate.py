@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .conformer.beam import RnntBeamSearch
 from .conformer.checkpoint import LoadedModel
 from .conformer.streaming import ConformerStreamer
 from .textnorm import normalize_text
@@ -53,16 +54,18 @@ def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str | Path, *,
                    lookahead_ms: int | None, decoder: str | None, limit: int | None = None,
-                   concurrency: int = 16, progress=None) -> Score:
+                   concurrency: int = 16, progress=None, search: RnntBeamSearch | None = None) -> Score:
     import jiwer
 
     rows = read_manifest(manifest, limit)
     refs, hyps, worst, seconds = [], [], [], 0.0
     setting = engine.setting_for_lookahead(lookahead_ms)
     decoder = decoder or loaded.model.default_decoder
+    label = decoder
     for row, result in zip(rows, transcribe_files(loaded, engine, [r["audio_filepath"] for r in rows],
                                                   lookahead_ms=setting.lookahead_ms, decoder=decoder,
-                                                  concurrency=concurrency)):
+                                                  concurrency=concurrency, search=search)):
+        label = result.decoder
         if result.error:
             raise RuntimeError(f"{row['audio_filepath']}: {result.error}")
         ref, hyp = normalize_text(row["text"]), normalize_text(result.text)
@@ -76,5 +79,5 @@ def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str
             progress(1)
     worst.sort(key=lambda w: -w["wer"])
     exact = sum(r == h for r, h in zip(refs, hyps)) / max(1, len(refs))
-    return Score(str(manifest), setting.lookahead_ms, decoder, len(rows), jiwer.wer(refs, hyps),
+    return Score(str(manifest), setting.lookahead_ms, label, len(rows), jiwer.wer(refs, hyps),
                  jiwer.cer(refs, hyps), seconds, exact, worst[:10])

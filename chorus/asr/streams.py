@@ -15,6 +15,7 @@ import torch
 from ..codecs.resample import StreamingResampler
 from ..stream.chunking import FrameChunker
 from ..stream.features import OnlineMel
+from .conformer.beam import RnntBeamSearch
 from .conformer.streaming import ConformerStreamer, StepResult, StreamSetting
 from .tokenizer import SentencePieceTokenizer
 
@@ -36,10 +37,12 @@ class Hypothesis:
 
 class AsrStream:
     def __init__(self, engine: ConformerStreamer, tokenizer: SentencePieceTokenizer,
-                 setting: StreamSetting, decoder: str, sample_rate: int):
+                 setting: StreamSetting, decoder: str, sample_rate: int, search: RnntBeamSearch | None = None):
         model = engine.model
         if decoder not in model.decoders:
             raise ValueError(f"decoder {decoder!r} is not available; this model has {list(model.decoders)}")
+        if search is not None and decoder != "rnnt":
+            raise ValueError("beam search is built for the rnnt decoder only; use beam size 1 with ctc")
         self.engine = engine
         self.tokenizer = tokenizer
         self.setting = setting
@@ -50,6 +53,9 @@ class AsrStream:
         self.features = OnlineMel(model.frontend)
         self.chunker = FrameChunker(setting.plan, model.spec.mel.n_mels)
         self.hypothesis = Hypothesis()
+        # With beam search the model step only encodes; the search runs here, per stream.
+        self.search = search
+        self._beam = search.start_fresh(engine.device) if search is not None else None
         self.frames_done = 0
         self.samples_in = 0
         self.sample_rate = sample_rate
@@ -81,11 +87,44 @@ class AsrStream:
         """All audio received and encoded."""
         return self.chunker.finished and self.chunker.pending == 0
 
+    @property
+    def step_decoder(self) -> str | None:
+        """What the batched model step decodes for this stream (None: the beam search does it here)."""
+        return None if self.search is not None else self.decoder
+
     def apply(self, result: StepResult) -> list[Token]:
-        new = [Token(i, f) for i, f in zip(result.tokens, result.token_frames)]
-        self.hypothesis.tokens.extend(new)
+        """Take a step's result; returns the tokens that are new in the hypothesis.
+
+        Greedy hypotheses only grow.  The best beam hypothesis may revise its recent tokens: the
+        new ones are those after the part it shares with the previous best."""
         self.frames_done = result.frames_done
-        return new
+        if self.search is None:
+            new = [Token(i, f) for i, f in zip(result.tokens, result.token_frames)]
+            self.hypothesis.tokens.extend(new)
+            return new
+        first_frame = result.frames_done - result.encoded.shape[0]
+        self._beam = self.search.advance(self._beam, result.encoded, first_frame)
+        return self._take_best(final=self.done)
+
+    def _take_best(self, final: bool) -> list[Token]:
+        best = self.search.best_final(self._beam) if final else self.search.best(self._beam)
+        tokens = [Token(i, f) for i, f in zip(best.tokens, best.frames)]
+        old, same = self.hypothesis.tokens, 0
+        while same < min(len(old), len(tokens)) and old[same] == tokens[same]:
+            same += 1
+        self.hypothesis.tokens = tokens
+        return tokens[same:]
+
+    def settle_utterance(self) -> list[Token]:
+        """An utterance ends here (endpoint): with beam search, pick its final best hypothesis
+        (end-of-sentence and lexicon scores counted); returns the tokens that changed."""
+        return self._take_best(final=True) if self.search is not None else []
+
+    def start_next_utterance(self) -> None:
+        """Drop the finished utterance's tokens (bounded memory); the model state goes on."""
+        self.hypothesis.tokens.clear()
+        if self.search is not None:
+            self._beam = self.search.commit(self._beam)
 
     # -- output ----------------------------------------------------------------------------
     @property
@@ -138,7 +177,7 @@ def step_streams(streams: list[AsrStream]) -> list[tuple[AsrStream, list[Token]]
     for group in groups.values():
         taken = [s.chunker.take() for s in group]
         results = group[0].engine.step([s.slot for s in group], [c for c, _ in taken], [n for _, n in taken],
-                                       group[0].setting, [s.decoder for s in group])
+                                       group[0].setting, [s.step_decoder for s in group])
         out += [(s, s.apply(r)) for s, r in zip(group, results)]
     return out
 
@@ -151,10 +190,10 @@ def run_to_end(streams: list[AsrStream]) -> None:
 
 @torch.no_grad()
 def transcribe_samples(engine: ConformerStreamer, tokenizer: SentencePieceTokenizer, samples: np.ndarray,
-                       sample_rate: int, setting: StreamSetting, decoder: str, piece_seconds: float = 0.02
-                       ) -> AsrStream:
+                       sample_rate: int, setting: StreamSetting, decoder: str, piece_seconds: float = 0.02,
+                       search: RnntBeamSearch | None = None) -> AsrStream:
     """Stream one recording through the live path in `piece_seconds` pieces; returns the closed stream."""
-    stream = AsrStream(engine, tokenizer, setting, decoder, sample_rate)
+    stream = AsrStream(engine, tokenizer, setting, decoder, sample_rate, search)
     try:
         piece = max(1, int(piece_seconds * sample_rate))
         for i in range(0, len(samples), piece):

@@ -13,12 +13,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..codecs import read_audio
+from .conformer.beam import BeamConfig, RnntBeamSearch
 from .conformer.checkpoint import LoadedModel, load_fastconformer
 from .conformer.streaming import ConformerStreamer
+from .ngram import NgramLM
 from .streams import AsrStream, step_streams
 
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "default_asr.nemo"
+DEFAULT_LM_NAME = "default_asr_lm.arpa.gz"  # token n-gram over the default model's pieces
+DEFAULT_BEAM = 8
 
 
 class ModelNotFound(FileNotFoundError):
@@ -35,6 +39,47 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         if not path.exists():
             raise ModelNotFound(f"the bundled default model {path} is missing; pass --model PATH to a .nemo file")
     return Path(path)
+
+
+def default_lm_path() -> Path:
+    return PACKAGE_MODELS / DEFAULT_LM_NAME
+
+
+def make_search(loaded: LoadedModel, *, beam_size: int | None = None, lm: str | None = "auto",
+                lm_weight: float | None = None, length_bonus: float | None = None) -> RnntBeamSearch | None:
+    """The RNNT decoding a model gets: None for greedy, else a beam search (with an n-gram LM).
+
+    lm: "auto" = the bundled LM for the bundled model and none for others; "none"; or an ARPA path.
+    beam_size: None = 8 when there is an LM, else 1; 1 means greedy.
+    """
+    bundled = Path(loaded.path).resolve() == default_model_path().resolve()
+    if lm == "auto":
+        lm = str(default_lm_path()) if bundled and default_lm_path().exists() else None
+    elif lm == "none":
+        lm = None
+    if beam_size is None:
+        beam_size = DEFAULT_BEAM if lm else 1
+    if beam_size < 1:
+        raise ValueError(f"beam size must be at least 1, got {beam_size}")
+    if beam_size == 1:
+        if lm:
+            raise ValueError("an LM needs beam search: pass a beam size above 1")
+        return None
+    if loaded.model.joint is None:
+        raise ValueError("beam search is built for RNNT heads; this model has CTC only (use beam size 1)")
+    defaults = BeamConfig()
+    config = BeamConfig(beam_size=beam_size,
+                        lm_weight=defaults.lm_weight if lm_weight is None else lm_weight,
+                        length_bonus=(defaults.length_bonus if lm else 0.0) if length_bonus is None else length_bonus)
+    ngram = NgramLM.from_arpa(lm, loaded.tokenizer.pieces) if lm else None
+    return RnntBeamSearch(loaded.model.joint, loaded.model.decoder, config, ngram)
+
+
+def describe_decoding(decoder: str, search: RnntBeamSearch | None) -> str:
+    """`rnnt`, `ctc`, `rnnt beam 8` or `rnnt beam 8 + lm`: how a result was decoded."""
+    if search is None or decoder != "rnnt":
+        return decoder
+    return f"rnnt beam {search.config.beam_size}" + (" + lm" if search.lm is not None else "")
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -64,10 +109,15 @@ class FileResult:
 
 def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iterable[str], *,
                      lookahead_ms: int | None, decoder: str | None, concurrency: int = 8,
-                     on_chunk: Callable[[str, AsrStream], None] | None = None) -> Iterator[FileResult]:
-    """Yield a result per file (in input order) as soon as it is complete."""
+                     on_chunk: Callable[[str, AsrStream], None] | None = None,
+                     search: RnntBeamSearch | None = None) -> Iterator[FileResult]:
+    """Yield a result per file (in input order) as soon as it is complete.
+
+    `search` (from `make_search`) decodes the rnnt head by beam search; None is greedy."""
     setting = engine.setting_for_lookahead(lookahead_ms)
     decoder = decoder or loaded.model.default_decoder
+    search = search if decoder == "rnnt" else None
+    label = describe_decoding(decoder, search)
     pending = list(files)
     active: list[tuple[str, AsrStream, object, int]] = []  # file, stream, audio, next sample
     done: dict[int, FileResult] = {}
@@ -80,9 +130,9 @@ def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iter
                 name = pending.pop(0)
                 try:
                     audio, rate = read_audio(name)
-                    stream = AsrStream(engine, loaded.tokenizer, setting, decoder, rate)
+                    stream = AsrStream(engine, loaded.tokenizer, setting, decoder, rate, search)
                 except Exception as exc:  # a bad file ends that file's result, not the run
-                    done[order[name]] = FileResult(name, "", [], [], decoder, setting.lookahead_ms, 0.0, str(exc))
+                    done[order[name]] = FileResult(name, "", [], [], label, setting.lookahead_ms, 0.0, str(exc))
                     continue
                 active.append([name, stream, (audio, rate), 0])
             for item in active:  # feed each open stream one piece, as a live client would
@@ -103,7 +153,7 @@ def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iter
                 if stream.done:
                     stream.close()
                     done[order[name]] = FileResult(name, stream.text, stream.hypothesis.ids, stream.words(),
-                                                   decoder, setting.lookahead_ms, len(audio) / rate)
+                                                   label, setting.lookahead_ms, len(audio) / rate)
                 else:
                     still.append(item)
             active = still

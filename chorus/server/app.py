@@ -246,8 +246,12 @@ class AsrServer:
             setting = entry.engine.setting_for_lookahead(req.lookahead_ms)
         except ValueError as exc:
             raise ProtocolError("unsupported_option", str(exc)) from None
+        if req.beam_size not in (None, 1) and decoder != "rnnt":
+            raise ProtocolError("unsupported_option", "beam_size above 1 needs the rnnt decoder")
+        search = entry.search_for(req.beam_size) if decoder == "rnnt" else None
         stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
-        session = AsrSession(stream_id, req, entry, decoder, setting.lookahead_ms, outbox.post_threadsafe(self.loop))
+        session = AsrSession(stream_id, req, entry, decoder, setting.lookahead_ms, outbox.post_threadsafe(self.loop),
+                             search)
         opened = self.loop.create_future()
 
         def open_on_thread():
@@ -273,6 +277,8 @@ class AsrServer:
         self.streams_total.inc(1, entry.name)
         outbox.send({"type": "ready", "protocol": PROTOCOL, "stream_id": stream_id, "model": entry.name,
                      "sample_rate": req.sample_rate, "encoding": req.encoding, "decoder": decoder,
+                     "beam_size": search.config.beam_size if search is not None else 1,
+                     "lm": search is not None and search.lm is not None,
                      "lookahead_ms": setting.lookahead_ms, "chunk_ms": setting.chunk_ms,
                      "interim_results": req.interim_results, "word_times": req.word_times,
                      "endpointing": req.endpointing.as_json()})

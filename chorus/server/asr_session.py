@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..asr.conformer.beam import RnntBeamSearch
 from ..asr.streams import AsrStream, Token
 from ..codecs import AudioFormatError, bytes_per_sample, decode
 from ..stream.endpointing import Endpointer
@@ -21,11 +22,12 @@ from .registry import ModelEntry
 
 class AsrSession:
     def __init__(self, stream_id: str, request: StartRequest, entry: ModelEntry, decoder: str, lookahead_ms: int,
-                 post: Callable[[dict], None]):
+                 post: Callable[[dict], None], search: RnntBeamSearch | None = None):
         self.id = stream_id
         self.request = request
         self.entry = entry
         self.decoder = decoder
+        self.search = search                # beam search for rnnt (None: greedy)
         self.setting = entry.engine.setting_for_lookahead(lookahead_ms)
         self.post = post                    # thread-safe: delivers a message to the client
         # Audio frames and flush markers, in the order the client sent them.
@@ -62,7 +64,7 @@ class AsrSession:
     def open(self) -> None:
         """Take a slot (raises PoolExhausted) and set up the stream."""
         self.stream = AsrStream(self.entry.engine, self.entry.tokenizer, self.setting, self.decoder,
-                                self.request.sample_rate)
+                                self.request.sample_rate, self.search)
         self.endpointer = Endpointer(self.request.endpointing, self.stream.frame_seconds * 1000)
 
     def pull_audio(self) -> int:
@@ -139,11 +141,12 @@ class AsrSession:
         return self.stream.tokenizer.decode(self.stream.hypothesis.ids).strip()
 
     def _emit_final(self, reason: str, always: bool = False) -> None:
+        self.stream.settle_utterance()
         text = self._text()
         if text or always:
             self.post(self._result("final", text, reason))
             self.utterance += 1
-        self.stream.hypothesis.tokens.clear()  # bounded memory: an utterance's tokens go with its final
+        self.stream.start_next_utterance()  # bounded memory: an utterance's tokens go with its final
         self.endpointer.start_next(self.stream.frames_done)
         self.last_partial = ""
 

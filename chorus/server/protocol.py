@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..codecs import ENCODINGS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+
+MAX_BEAM_SIZE = 16  # beam search runs per stream on the host: bound its cost
 from ..stream.endpointing import EndpointConfig
 
 PROTOCOL = "chorus.asr.v1"
@@ -60,12 +62,13 @@ class StartRequest:
     encoding: str = "pcm_s16le"
     lookahead_ms: int | None = None
     decoder: str | None = None
+    beam_size: int | None = None
     interim_results: bool = True
     word_times: bool = False
     endpointing: EndpointConfig = field(default_factory=EndpointConfig)
 
 
-_START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "interim_results",
+_START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "beam_size", "interim_results",
                  "word_times", "endpointing"}
 
 
@@ -103,13 +106,16 @@ def parse_start(msg: dict) -> StartRequest:
         raise ProtocolError("unsupported_encoding",
                             f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}")
     decoder = typed("decoder", (str,), None)
+    beam_size = typed("beam_size", (int,), None)
+    if beam_size is not None and not 1 <= beam_size <= MAX_BEAM_SIZE:
+        raise ProtocolError("unsupported_option", f"beam_size {beam_size} is outside 1..{MAX_BEAM_SIZE}")
     try:
         endpointing = EndpointConfig.from_message(msg.get("endpointing"))
     except (ValueError, TypeError) as exc:
         raise ProtocolError("bad_message", f"start.endpointing: {exc}") from None
     return StartRequest(
         model=model, sample_rate=rate, encoding=encoding, lookahead_ms=typed("lookahead_ms", (int,), None),
-        decoder=decoder, interim_results=typed("interim_results", (bool,), True),
+        decoder=decoder, beam_size=beam_size, interim_results=typed("interim_results", (bool,), True),
         word_times=typed("word_times", (bool,), False), endpointing=endpointing)
 
 

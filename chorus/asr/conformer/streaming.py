@@ -144,7 +144,8 @@ class ConformerStreamer:
 
         chunks[b] is [frames, n_mels] (at most the plan's size), consumed[b] how many of those
         frames this step consumes; all streams share `setting`; decoders[b] is "rnnt" or "ctc",
-        or `decoders` is None to run the encoder alone (no tokens; for benchmarks and features).
+        or None for a stream whose tokens are found elsewhere (beam search on the host), or
+        `decoders` is None to run the encoder alone (no tokens; for benchmarks and features).
         """
         model, enc_cfg = self.model, self.model.spec.encoder
         dev = self.device
@@ -195,8 +196,9 @@ class ConformerStreamer:
             labels, keep, last = ctc_greedy(model.ctc_decoder(encoded[sel]), emitted[sel], state["ctc_last"][sel])
             tokens[sel, :, 0] = labels.masked_fill(~keep, -1)
             new_state["ctc_last"] = state["ctc_last"].index_copy(0, sel, last)
-        if bool((~use_ctc).any()):
-            sel = (~use_ctc).nonzero()[:, 0]
+        use_rnnt = torch.tensor([d == "rnnt" for d in decoders], device=dev)
+        if bool(use_rnnt.any()):
+            sel = use_rnnt.nonzero()[:, 0]
             h = state["pred_h"][sel].transpose(0, 1).contiguous()
             c = state["pred_c"][sel].transpose(0, 1).contiguous()
             rnnt_tokens, (h, c), out = rnnt_greedy(model.joint, model.decoder, encoded[sel], emitted[sel],
