@@ -92,3 +92,18 @@ def test_transcribe_and_eval_with_beam_search_and_an_lm(tmp_path):
                           (["--beam", "0"], "at least 1")]:
         out = cli("transcribe", str(clip), *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_same_file_twice_gives_two_results(tmp_path):
+    """Results are kept by position, not by name: a repeated file is transcribed each time."""
+    model_path = tmp_path / "tiny.nemo"
+    save_fastconformer(model_path, tiny_model(seed=5), train_tokenizer(32))
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, (np.random.default_rng(4).standard_normal(20000) * 0.1).astype(np.float32), 16000)
+    loaded = load_fastconformer(model_path)
+    engine = ConformerStreamer(loaded.model, slots=3)
+    files = [str(clip), str(tmp_path / "missing.wav"), str(clip), str(clip)]
+    results = list(transcribe_files(loaded, engine, files, lookahead_ms=480, decoder="rnnt", concurrency=3))
+    assert [r.file for r in results] == files
+    assert results[1].error and not results[0].error
+    assert results[0].text == results[2].text == results[3].text and results[0].tokens

@@ -118,41 +118,40 @@ def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iter
     decoder = decoder or loaded.model.default_decoder
     search = search if decoder == "rnnt" else None
     label = describe_decoding(decoder, search)
-    pending = list(files)
-    active: list[tuple[str, AsrStream, object, int]] = []  # file, stream, audio, next sample
+    pending = list(enumerate(files))  # by position: the same file may be named twice
+    active: list[list] = []  # position, file, stream, audio, next sample
     done: dict[int, FileResult] = {}
-    order = {f: i for i, f in enumerate(pending)}
     next_out = 0
     piece_seconds = 0.1  # any piece size gives the same result (features are exact incrementally)
     with torch.no_grad():
         while pending or active:
             while pending and len(active) < concurrency:
-                name = pending.pop(0)
+                index, name = pending.pop(0)
                 try:
                     audio, rate = read_audio(name)
                     stream = AsrStream(engine, loaded.tokenizer, setting, decoder, rate, search)
                 except Exception as exc:  # a bad file ends that file's result, not the run
-                    done[order[name]] = FileResult(name, "", [], [], label, setting.lookahead_ms, 0.0, str(exc))
+                    done[index] = FileResult(name, "", [], [], label, setting.lookahead_ms, 0.0, str(exc))
                     continue
-                active.append([name, stream, (audio, rate), 0])
+                active.append([index, name, stream, (audio, rate), 0])
             for item in active:  # feed each open stream one piece, as a live client would
-                name, stream, (audio, rate), pos = item
+                _, name, stream, (audio, rate), pos = item
                 if not stream.chunker.finished:
                     piece = max(1, int(piece_seconds * rate))
                     stream.accept_audio(audio[pos:pos + piece])
-                    item[3] = pos + piece
-                    if item[3] >= len(audio):
+                    item[4] = pos + piece
+                    if item[4] >= len(audio):
                         stream.finish()
-            stepped = step_streams([s for _, s, _, _ in active])
+            stepped = step_streams([item[2] for item in active])
             if on_chunk:
                 for stream, _ in stepped:
-                    on_chunk(next(n for n, s, _, _ in active if s is stream), stream)
+                    on_chunk(next(item[1] for item in active if item[2] is stream), stream)
             still = []
             for item in active:
-                name, stream, (audio, rate), _ = item
+                index, name, stream, (audio, rate), _ = item
                 if stream.done:
                     stream.close()
-                    done[order[name]] = FileResult(name, stream.text, stream.hypothesis.ids, stream.words(),
+                    done[index] = FileResult(name, stream.text, stream.hypothesis.ids, stream.words(),
                                                    label, setting.lookahead_ms, len(audio) / rate)
                 else:
                     still.append(item)
