@@ -13,9 +13,10 @@ import collections
 import gzip
 import io
 import math
+from array import array
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -33,11 +34,12 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def read_arpa(path: str | Path) -> tuple[int, dict[tuple[str, ...], tuple[float, float]]]:
-    """(order, {ngram words: (log10 prob, log10 back-off)}) of an ARPA file."""
+def iter_arpa(path: str | Path) -> Iterator[tuple[tuple[str, ...], float, float]]:
+    """(ngram words, log10 prob, log10 back-off) of every entry of an ARPA file, checked against its
+    header; the last item is (("\\end\\",), order, 0) so that callers learn the order at the end."""
     path = Path(path)
-    grams: dict[tuple[str, ...], tuple[float, float]] = {}
     declared: dict[int, int] = {}
+    found: collections.Counter = collections.Counter()
     section = None
     try:
         with _open_text(path) as f:
@@ -59,9 +61,9 @@ def read_arpa(path: str | Path) -> tuple[int, dict[tuple[str, ...], tuple[float,
                     fields = line.split()
                     if len(fields) not in (section + 1, section + 2):
                         raise LMError(f"{path}:{lineno}: expected a {section}-gram line, got {line[:80]!r}")
-                    logp = float(fields[0])
                     bow = float(fields[section + 1]) if len(fields) == section + 2 else 0.0
-                    grams[tuple(fields[1:section + 1])] = (logp, bow)
+                    found[section] += 1
+                    yield tuple(fields[1:section + 1]), float(fields[0]), bow
                 else:
                     raise LMError(f"{path}:{lineno}: unexpected line outside an ARPA section: {line[:80]!r}")
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
@@ -70,61 +72,124 @@ def read_arpa(path: str | Path) -> tuple[int, dict[tuple[str, ...], tuple[float,
         raise LMError(f"{path}: not a readable ARPA language model: {exc}") from None
     if section != "end" or not declared:
         raise LMError(f"{path}: not a complete ARPA file (no \\data\\ header or no \\end\\)")
-    found = collections.Counter(len(g) for g in grams)
     for n, count in declared.items():
         if found[n] != count:
             raise LMError(f"{path}: the header declares {count} {n}-grams, the file has {found[n]}")
-    return max(declared), grams
+    yield (END_MARK,), float(max(declared)), 0.0
+
+
+END_MARK = "\\end\\"
+
+
+def read_arpa(path: str | Path) -> tuple[int, dict[tuple[str, ...], tuple[float, float]]]:
+    """(order, {ngram words: (log10 prob, log10 back-off)}) of an ARPA file (for small files and tests)."""
+    grams = {}
+    for words, logp, bow in iter_arpa(path):
+        if words == (END_MARK,):
+            return int(logp), grams
+        grams[words] = (logp, bow)
+    raise AssertionError("iter_arpa ends with its end mark")
 
 
 class NgramLM:
-    """A back-off n-gram over a tokenizer's pieces; `log_probs(context)` -> ln P(token | context) for all tokens."""
+    """A back-off n-gram over a tokenizer's pieces; `log_probs(context)` -> ln P(token | context) for all tokens.
+
+    Storage is flat numpy arrays: every listed (context, token) pair in one array sorted by context, and
+    each context, packed into one integer, found by binary search in a sorted key array that gives its
+    rows and back-off weight.  Python dicts of tuples took several times the memory and load time.
+    """
 
     def __init__(self, order: int, grams: dict[tuple[str, ...], tuple[float, float]], pieces: list[str],
                  cache_size: int = 200_000):
-        self.order = order
+        self._build(order, ((g, lp, bo) for g, (lp, bo) in grams.items()), pieces, cache_size)
+
+    @classmethod
+    def from_arpa(cls, path: str | Path, pieces: list[str], cache_size: int = 200_000) -> "NgramLM":
+        lm = cls.__new__(cls)
+        lm._build(None, iter_arpa(path), pieces, cache_size)
+        return lm
+
+    def _build(self, order: int | None, entries: Iterable, pieces: list[str], cache_size: int) -> None:
         self.vocab_size = len(pieces)
-        index = {p: i for i, p in enumerate(pieces)}
         self.bos = self.vocab_size  # context id of <s>
+        index = {p: i for i, p in enumerate(pieces)}
         index[BOS] = self.bos
-        unigram_words = [g[0] for g in grams if len(g) == 1]
-        known = sum(w in index for w in unigram_words if w not in (EOS, UNK))
-        if known < 0.5 * min(len(pieces), max(1, len(unigram_words) - 3)):
-            raise LMError(f"the language model's words are not this model's tokens: only {known} of its "
-                          f"{len(unigram_words)} unigrams are among the {len(pieces)} tokenizer pieces")
-        floor = grams.get((UNK,), (-99.0, 0.0))[0]
-        unigram = np.full(self.vocab_size, floor * LN10)
-        # context (token ids) -> (back-off ln weight, listed token ids, their ln probs)
-        self._contexts: dict[tuple[int, ...], list] = {}
-        self._end: dict[tuple[int, ...], float] = {}  # context -> ln P(</s> | context), where listed
-        listed: dict[tuple[int, ...], list[tuple[int, float]]] = collections.defaultdict(list)
-        for words, (logp, bow) in grams.items():
-            ids = tuple(index.get(w, -1) for w in words)
-            if -1 in ids[:-1] or (ids[-1] == -1 and words[-1] != EOS):
+        self._base = self.vocab_size + 2  # context ids packed as digits 1..V+1 of this base
+        unigram = np.full(self.vocab_size, np.nan)
+        unk = -99.0
+        n_unigrams = known = 0
+        # compact growing buffers (a Python list would hold an object per number)
+        listed_ctx, listed_tok, listed_logp = array("q"), array("q"), array("d")  # per listed (context, token)
+        bow_keys, bow_values, end_keys, end_values = array("q"), array("d"), array("q"), array("d")
+        for words, logp, bow in entries:
+            if words == (END_MARK,):
+                order = int(logp)
+                break
+            if len(words) == 1:
+                n_unigrams += 1
+                known += words[0] in index and words[0] != BOS
+                if words[0] == UNK:
+                    unk = logp
+            ids = [index.get(w, -1) for w in words[:-1]]
+            if -1 in ids:
                 continue  # an n-gram over words that are not tokens of this model
-            if bow and words[-1] != EOS:
-                self._contexts.setdefault(ids, [0.0, None, None])[0] = bow * LN10
-            if words[-1] == EOS:
-                self._end[ids[:-1]] = logp * LN10
+            last = words[-1]
+            key = self._key(ids)
+            if last == EOS:
+                end_keys.append(key)
+                end_values.append(logp * LN10)
                 continue
-            if words[-1] == BOS:
+            token = index.get(last, -1)
+            if token == -1:
+                continue
+            if bow:
+                bow_keys.append(self._key(ids + [token]))
+                bow_values.append(bow * LN10)
+            if token == self.bos:
                 continue  # <s> is never predicted
-            if len(ids) == 1:
-                unigram[ids[0]] = logp * LN10
+            if not ids:
+                unigram[token] = logp * LN10
             else:
-                listed[ids[:-1]].append((ids[-1], logp * LN10))
-        for ctx, entries in listed.items():
-            slot = self._contexts.setdefault(ctx, [0.0, None, None])
-            slot[1] = np.array([t for t, _ in entries], dtype=np.int64)
-            slot[2] = np.array([p for _, p in entries])
-        self._unigram = unigram
+                listed_ctx.append(key)
+                listed_tok.append(token)
+                listed_logp.append(logp * LN10)
+        if known < 0.5 * min(self.vocab_size, max(1, n_unigrams - 3)):
+            raise LMError(f"the language model's words are not this model's tokens: only {known} of its "
+                          f"{n_unigrams} unigrams are among the {self.vocab_size} tokenizer pieces")
+        if self._base ** max(0, order - 1) >= 2 ** 62:
+            raise LMError(f"an order-{order} LM over {self.vocab_size} tokens is more than this reader packs")
+        self.order = order
+        self._unigram = np.where(np.isnan(unigram), unk * LN10, unigram)
+        ctx = np.frombuffer(listed_ctx, dtype=np.int64)
+        sort = np.argsort(ctx, kind="stable")
+        self._tokens = np.frombuffer(listed_tok, dtype=np.int64)[sort]
+        self._logps = np.frombuffer(listed_logp)[sort]
+        listed_keys, starts = np.unique(ctx[sort], return_index=True)
+        # every context with listed tokens or a back-off weight: sorted keys, weights, row ranges
+        self._ctx_keys = np.union1d(listed_keys, np.frombuffer(bow_keys, dtype=np.int64))
+        self._ctx_bow = np.zeros(len(self._ctx_keys))
+        self._ctx_bow[np.searchsorted(self._ctx_keys, np.frombuffer(bow_keys, dtype=np.int64))] = \
+            np.frombuffer(bow_values)
+        self._ctx_rows = np.zeros((len(self._ctx_keys), 2), dtype=np.int64)
+        stops = np.append(starts[1:], len(sort)) if len(starts) else starts
+        self._ctx_rows[np.searchsorted(self._ctx_keys, listed_keys)] = np.stack([starts, stops], axis=1)
+        order_end = np.argsort(np.frombuffer(end_keys, dtype=np.int64), kind="stable")
+        self._end_keys = np.frombuffer(end_keys, dtype=np.int64)[order_end]
+        self._end_logp = np.frombuffer(end_values)[order_end]
         self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
-    @classmethod
-    def from_arpa(cls, path: str | Path, pieces: list[str]) -> "NgramLM":
-        order, grams = read_arpa(path)
-        return cls(order, grams, pieces)
+    def _key(self, ids) -> int:
+        key = 0
+        for i in ids:
+            key = key * self._base + i + 1
+        return key
+
+    def _context(self, ids) -> int:
+        """Row of a context in the context arrays, or -1 when it is not listed."""
+        key = self._key(ids)
+        i = int(np.searchsorted(self._ctx_keys, key))
+        return i if i < len(self._ctx_keys) and self._ctx_keys[i] == key else -1
 
     def start(self) -> tuple[int, ...]:
         """The context at the start of an utterance."""
@@ -139,12 +204,13 @@ class NgramLM:
         context = context[-(self.order - 1):] if self.order > 1 else ()
         bow = 0.0
         for k in range(len(context) + 1):
-            suffix = context[k:]
-            if suffix in self._end:
-                return bow + self._end[suffix]
-            slot = self._contexts.get(suffix)
-            bow += slot[0] if slot is not None else 0.0
-        return bow + self._unigram.min()  # no </s> in the file at all
+            key = self._key(context[k:])
+            i = int(np.searchsorted(self._end_keys, key))
+            if i < len(self._end_keys) and self._end_keys[i] == key:
+                return bow + float(self._end_logp[i])
+            row = self._context(context[k:])
+            bow += float(self._ctx_bow[row]) if row >= 0 else 0.0
+        return bow + float(self._unigram.min())  # no </s> in the file at all
 
     def log_probs(self, context: tuple[int, ...]) -> np.ndarray:
         """ln P(token | context) for every token id: float64 [vocab_size] (read-only, cached)."""
@@ -156,13 +222,12 @@ class NgramLM:
         out = self._unigram
         # p(w | c1..ck) = listed(c1..ck, w) or bow(c1..ck) + p(w | c2..ck): shortest suffix first.
         for k in range(len(context) - 1, -1, -1):
-            slot = self._contexts.get(context[k:])
-            if slot is None:
+            row = self._context(context[k:])
+            if row < 0:
                 continue  # an unseen context: no listed words and back-off weight 1
-            bow, ids, logps = slot
-            out = out + bow if bow else out.copy()
-            if ids is not None:
-                out[ids] = logps
+            a, b = self._ctx_rows[row]
+            out = out + self._ctx_bow[row]
+            out[self._tokens[a:b]] = self._logps[a:b]
         out.setflags(write=False)
         self._cache[context] = out
         if len(self._cache) > self._cache_size:
