@@ -57,4 +57,13 @@ def test_recipe_smoke(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "chorus.cli", "transcribe", str(audio), "--model", str(model_path),
                           "--json"], check=True, timeout=300, capture_output=True, text=True)
     result = json.loads(cli.stdout)
-    assert result["file"] == str(audio) and "tokens" in result
+    assert result["file"] == str(audio) and "tokens" in result and result["decoder"] == "rnnt"
+    # the n-gram LM over the model's pieces, without the dev and test sentences, used in beam search
+    lm_path = tmp_path / "lm.arpa.gz"
+    made = subprocess.run([sys.executable, str(RECIPE / "make_lm.py"), "--smoke", "--corpus", str(corpus),
+                           "--model", str(model_path), "--out", str(lm_path)],
+                          check=True, timeout=300, capture_output=True, text=True)
+    assert "held-out ones left out" in made.stdout and lm_path.exists()
+    cli = subprocess.run([sys.executable, "-m", "chorus.cli", "transcribe", str(audio), "--model", str(model_path),
+                          "--lm", str(lm_path), "--json"], check=True, timeout=300, capture_output=True, text=True)
+    assert json.loads(cli.stdout)["decoder"] == "rnnt beam 8 + lm"
