@@ -199,10 +199,61 @@ def test_make_search_defaults(model_path, tmp_path, tokenizer):
     assert make_search(loaded, beam_size=1) is None
 
 
-@pytest.mark.skipif(not default_lm_path().exists(), reason="the bundled LM is not in this checkout")
-def test_the_bundled_model_decodes_with_its_bundled_lm():
+@pytest.fixture(scope="module")
+def bundled():
+    """The shipped model with its default decoding (beam 8 + bundled LM), and the bundled sample."""
+    if not default_lm_path().exists():
+        pytest.skip("the bundled LM is not in this checkout")
+    from chorus.codecs import read_audio
+
     loaded = load_fastconformer(default_model_path())
-    search = make_search(loaded)
+    audio, rate = read_audio(default_model_path().parents[1] / "samples" / "held_out_voice.flac")
+    return loaded, make_search(loaded), audio, rate
+
+
+def test_the_bundled_model_decodes_with_its_bundled_lm(bundled):
+    loaded, search, _, _ = bundled
     assert search.config.beam_size == 8 and search.lm is not None and search.lm.order == 5
     assert search.lm.vocab_size == loaded.tokenizer.vocab_size
     assert make_search(loaded, lm="none") is None
+
+
+def test_bundled_model_beam_law1_every_lookahead(bundled):
+    """Trained weights and the real LM: the sample streamed in 20 ms pieces equals one offline pass."""
+    loaded, search, audio, rate = bundled
+    model = loaded.model
+    engine = ConformerStreamer(model, slots=1)
+    mel = model.frontend.offline(audio)
+    for context in model.spec.encoder.att_context_size:
+        streamed = transcribe_samples(engine, loaded.tokenizer, audio, rate, engine.setting(context), "rnnt",
+                                      search=search)
+        encoded, length = model.encoder(mel[None], torch.tensor([mel.shape[1]]), context)
+        assert streamed.hypothesis.ids == rnnt_beam_offline(search, encoded, length)[0], context
+        assert len(streamed.hypothesis.ids) > 10
+
+
+def test_bundled_model_beam_law2_batched_equals_alone(bundled):
+    """The sample and a shorter copy starting 0.7 s later, stepped together, equal each stepped alone."""
+    loaded, search, audio, rate = bundled
+    engine = ConformerStreamer(loaded.model, slots=2)
+    setting = engine.setting((70, 6))
+    clips = [audio, audio[rate // 3: 3 * rate]]
+    alone = [transcribe_samples(engine, loaded.tokenizer, c, rate, setting, "rnnt", search=search).hypothesis.ids
+             for c in clips]
+    streams = [AsrStream(engine, loaded.tokenizer, setting, "rnnt", rate, search) for _ in clips]
+    piece, delay, together = rate // 50, int(0.7 * rate), 0
+    try:
+        for i in range(0, len(audio) + delay, piece):
+            for s, c, start in zip(streams, clips, (0, delay)):
+                if start <= i < start + len(c):
+                    s.accept_audio(c[i - start:i - start + piece])
+                    if i - start + piece >= len(c):
+                        s.finish()
+            if (i // piece) % 15 == 0:  # step every 0.3 s, so both streams have chunks waiting
+                together += len(step_streams(streams)) == 2
+        run_to_end(streams)
+    finally:
+        for s in streams:
+            s.close()
+    assert together > 0
+    assert [s.hypothesis.ids for s in streams] == alone
