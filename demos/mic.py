@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="a model name from the server's /models (default: the server's default)")
     p.add_argument("--lookahead-ms", type=int, help="encoder lookahead, e.g. 0, 80, 480, 1040 (default: the model's)")
     p.add_argument("--decoder", choices=("rnnt", "ctc"), help="decoder head (default: the model's)")
+    p.add_argument("--beam-size", type=int, help="rnnt: 1 = greedy, 2-16 = beam search (default: the model's)")
     p.add_argument("--no-endpointing", action="store_true",
                    help="no utterance ends on silence: the whole audio comes back as one final at the end")
     p.add_argument("--file", help="send this audio file (anything libsndfile reads) instead of the microphone")
@@ -192,6 +193,8 @@ def start_message(args: argparse.Namespace, rate: int) -> dict:
         msg["lookahead_ms"] = args.lookahead_ms
     if args.decoder:
         msg["decoder"] = args.decoder
+    if args.beam_size:
+        msg["beam_size"] = args.beam_size
     if args.no_endpointing:
         msg["endpointing"] = False
     return msg
@@ -231,7 +234,8 @@ async def stream(args: argparse.Namespace, rate: int, frames, display: Display, 
             msg = json.loads(raw)
             kind = msg.get("type")
             if kind == "ready":
-                display.info(f"connected: model {msg['model']}, {msg['decoder']}, lookahead {msg['lookahead_ms']} ms "
+                display.info(f"connected: model {msg['model']}, {msg['decoder']} beam {msg.get('beam_size', 1)}"
+                             f"{' + lm' if msg.get('lm') else ''}, lookahead {msg['lookahead_ms']} ms "
                              f"(chunk {msg['chunk_ms']} ms), sending {rate} Hz pcm_s16le; stream {msg['stream_id']}")
                 if hint:
                     display.info(hint)

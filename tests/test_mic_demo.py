@@ -13,7 +13,7 @@ import soundfile as sf
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.transcribe import transcribe_files
+from chorus.asr.transcribe import make_search, transcribe_files
 from chorus.server.app import ServerConfig
 from chorus.server.registry import ModelRegistry
 from test_server import ServerThread
@@ -47,15 +47,16 @@ def run_mic(server, *args, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("decoder, lookahead", [("ctc", 80), ("rnnt", 480)])
-def test_mic_file_prints_what_the_server_transcribes(server, model_path, clip, decoder, lookahead):
+@pytest.mark.parametrize("decoder, lookahead, beam", [("ctc", 80, None), ("rnnt", 480, None), ("rnnt", 480, 4)])
+def test_mic_file_prints_what_the_server_transcribes(server, model_path, clip, decoder, lookahead, beam):
     loaded = load_fastconformer(model_path)
     engine = ConformerStreamer(loaded.model, slots=1)
-    [expected] = transcribe_files(loaded, engine, [str(clip)], lookahead_ms=lookahead, decoder=decoder)
+    [expected] = transcribe_files(loaded, engine, [str(clip)], lookahead_ms=lookahead, decoder=decoder,
+                                  search=make_search(loaded, beam_size=beam))
     assert expected.text.strip(), "the tiny model should hear something in the noise"
 
     proc = run_mic(server, "--token", TOKEN, "--file", str(clip), "--speed", "4", "--decoder", decoder,
-                   "--lookahead-ms", str(lookahead), "--no-endpointing")
+                   "--lookahead-ms", str(lookahead), "--no-endpointing", *(["--beam-size", str(beam)] if beam else []))
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout  # not a terminal: no in-place partials, only final lines
     finals = [FINAL_LINE.match(line) for line in proc.stdout.splitlines()]
@@ -63,6 +64,7 @@ def test_mic_file_prints_what_the_server_transcribes(server, model_path, clip, d
     assert " ".join(m.group(3) for m in finals) == expected.text.strip()
     assert float(finals[-1].group(2)) == pytest.approx(2.5, abs=0.09)  # times: the whole clip
     assert f"lookahead {lookahead} ms" in proc.stderr and decoder in proc.stderr
+    assert f"beam {beam or 1}" in proc.stderr
     server.wait_idle()
 
 
