@@ -97,14 +97,16 @@ class NgramLM:
     Storage is flat numpy arrays: every listed (context, token) pair in one array sorted by context, and
     each context, packed into one integer, found by binary search in a sorted key array that gives its
     rows and back-off weight.  Python dicts of tuples took several times the memory and load time.
+    Answers are kept in an LRU cache of `cache_size` contexts (20,000 vectors of the bundled 256 pieces
+    are 40 MB): hypotheses of a beam share and keep their contexts from frame to frame.
     """
 
     def __init__(self, order: int, grams: dict[tuple[str, ...], tuple[float, float]], pieces: list[str],
-                 cache_size: int = 200_000):
+                 cache_size: int = 20_000):
         self._build(order, ((g, lp, bo) for g, (lp, bo) in grams.items()), pieces, cache_size)
 
     @classmethod
-    def from_arpa(cls, path: str | Path, pieces: list[str], cache_size: int = 200_000) -> "NgramLM":
+    def from_arpa(cls, path: str | Path, pieces: list[str], cache_size: int = 20_000) -> "NgramLM":
         lm = cls.__new__(cls)
         lm._build(None, iter_arpa(path), pieces, cache_size)
         return lm
@@ -285,13 +287,12 @@ def estimate_kneser_ney(sentences: Iterable[list[str]], order: int, discount: fl
             if not keep or ctx not in probs:
                 continue
             bow = (ctx_total - sum(c - discount for _, c in keep)) / ctx_total
-            grams_bow = bow
             for w, c in keep:
                 lower = probs.get(ctx[1:] + (w,))
                 if lower is None:
                     lower = _backoff_prob(probs, grams, ctx[1:], w)
                 probs[ctx + (w,)] = (c - discount) / ctx_total + bow * lower
-            grams[ctx] = (0.0, grams_bow)  # back-off weights, merged below
+            grams[ctx] = (0.0, bow)  # back-off weights, merged below
     out: dict[tuple[str, ...], tuple[float, float]] = {}
     for g, p in probs.items():
         logp = -99.0 if p <= 0 else math.log10(p)
@@ -320,7 +321,8 @@ def write_arpa(grams: dict[tuple[str, ...], tuple[float, float]], path: str | Pa
     by_order = [sorted(g for g in grams if len(g) == n) for n in range(1, order + 1)]
     raw = open(path, "wb")
     # no name or time in the gzip header: the same n-grams give the same bytes (a reproducible file)
-    binary = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=9, mtime=0) if path.suffix == ".gz" else raw
+    binary = (gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=9, mtime=0)
+              if path.suffix == ".gz" else raw)
     with raw, binary, io.TextIOWrapper(binary, encoding="utf-8") as f:
         f.write("\n\\data\\\n")
         for n, gs in enumerate(by_order, 1):

@@ -117,7 +117,7 @@ class AsrStream:
 
     def settle_utterance(self) -> list[Token]:
         """An utterance ends here (endpoint): with beam search, pick its final best hypothesis
-        (end-of-sentence and lexicon scores counted); returns the tokens that changed."""
+        (the LM's end-of-sentence score counted); returns the tokens that changed."""
         return self._take_best(final=True) if self.search is not None else []
 
     def start_next_utterance(self) -> None:

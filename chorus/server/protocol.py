@@ -10,11 +10,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..codecs import ENCODINGS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-
-MAX_BEAM_SIZE = 16  # beam search runs per stream on the host: bound its cost
 from ..stream.endpointing import EndpointConfig
 
 PROTOCOL = "chorus.asr.v1"
+MAX_BEAM_SIZE = 16  # beam search runs per stream on the host: bound its cost
 
 # code -> WebSocket close code
 CLOSE_CODES = {
@@ -68,8 +67,8 @@ class StartRequest:
     endpointing: EndpointConfig = field(default_factory=EndpointConfig)
 
 
-_START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "beam_size", "interim_results",
-                 "word_times", "endpointing"}
+_START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "beam_size",
+                 "interim_results", "word_times", "endpointing"}
 
 
 def parse_text(text: str) -> dict:

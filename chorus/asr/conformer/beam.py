@@ -38,8 +38,6 @@ class BeamConfig:
             raise ValueError("lm weight must be >= 0 and the length bonus finite")
 
 
-
-
 @dataclass
 class Hyp:
     tokens: tuple[int, ...]
