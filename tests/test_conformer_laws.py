@@ -256,3 +256,31 @@ def test_bundled_model_law2_batched_equals_alone(bundled):
     for (enc, tok), (encs, toks) in zip(expected, got):
         assert (torch.cat(encs) - enc).abs().max().item() <= TOL
         assert toks == tok
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_predictor_step_equals_the_lstm_it_writes_out(layers):
+    """The hand-written LSTM cell of `RNNTPredictor.step` is nn.LSTM: step by step over a label
+    sequence it gives the training forward's outputs, and one step from any state gives torch's."""
+    from chorus.asr.conformer.heads import RNNTPredictor
+
+    torch.manual_seed(layers)
+    pred = RNNTPredictor(vocab_size=20, pred_hidden=24, layers=layers).eval()
+    targets = torch.randint(0, 20, (3, 7))
+    with torch.no_grad():
+        teacher = pred(targets)  # [B, U + 1, H], blank/SOS first
+        state = pred.initial_state(3)
+        out, state = pred.step(torch.full((3,), pred.blank), state)
+        steps = [out]
+        for u in range(targets.shape[1]):
+            out, state = pred.step(targets[:, u], state)
+            steps.append(out)
+        torch.testing.assert_close(torch.stack(steps, dim=1), teacher, atol=1e-6, rtol=1e-5)
+        h = torch.randn(layers, 3, 24)
+        c = torch.randn(layers, 3, 24)
+        labels = torch.tensor([4, 20, 11])
+        mine, (mh, mc) = pred.step(labels, (h, c))
+        ref, (rh, rc) = pred.prediction["dec_rnn"].lstm(pred.embed(labels)[None], (h, c))
+        torch.testing.assert_close(mine, ref[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mh, rh, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mc, rc, atol=1e-6, rtol=1e-5)
