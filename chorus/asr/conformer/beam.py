@@ -106,24 +106,24 @@ class RnntBeamSearch:
         for level in range(cfg.symbols_per_frame + 1):
             pred_proj = torch.stack([h.pred_proj for h in active])
             logp = torch.log_softmax(self.joint(enc_t[None], pred_proj).float(), dim=-1).double().cpu().numpy()
-            candidates = []  # (score, hypothesis index, label)
-            for i, h in enumerate(active):
-                closed = h.score + logp[i, blank]
+            scores = np.array([h.score for h in active])
+            for h, closed in zip(active, (scores + logp[:, blank]).tolist()):
                 same = ended.get(h.tokens)
-                ended[h.tokens] = replace(h, score=closed if same is None else np.logaddexp(same.score, closed))
-                if level == cfg.symbols_per_frame:
-                    continue
-                label_scores = logp[i, :blank] + cfg.length_bonus
-                if lm is not None and cfg.lm_weight:
-                    label_scores = label_scores + cfg.lm_weight * lm.log_probs(h.lm_context)
-                top = np.argpartition(-label_scores, k - 1)[:k] if k < blank else np.arange(blank)
-                candidates += [(h.score + label_scores[w], i, int(w)) for w in top]
-            if not candidates:
+                if same is not None:
+                    closed = float(np.logaddexp(same.score, closed))
+                ended[h.tokens] = Hyp(h.tokens, h.frames, closed, h.pred_out, h.pred_proj, h.state, h.lm_context)
+            if level == cfg.symbols_per_frame:
                 break
-            candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+            # every (hypothesis, label) extension at once: [hypotheses, labels]
+            total = scores[:, None] + logp[:, :blank] + cfg.length_bonus
+            if lm is not None and cfg.lm_weight:
+                total += cfg.lm_weight * np.stack([lm.log_probs(h.lm_context) for h in active])
+            flat = total.ravel()
+            best = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+            best = best[np.lexsort((best, -flat[best]))]  # by score, then hypothesis, then label
             closed_scores = sorted((h.score for h in ended.values()), reverse=True)
             floor = closed_scores[k - 1] if len(closed_scores) >= k else -np.inf
-            candidates = [c for c in candidates[:k] if c[0] > floor]
+            candidates = [(flat[j], j // blank, j % blank) for j in best.tolist() if flat[j] > floor]
             if not candidates:
                 break
             active = self._extend(active, candidates, frame)
