@@ -15,7 +15,7 @@ import torch
 from ..codecs.resample import StreamingResampler
 from ..stream.chunking import FrameChunker
 from ..stream.features import OnlineMel
-from .conformer.beam import RnntBeamSearch
+from .conformer.beam import Label, RnntBeamSearch
 from .conformer.streaming import ConformerStreamer, StepResult, StreamSetting
 from .tokenizer import SentencePieceTokenizer
 
@@ -56,6 +56,7 @@ class AsrStream:
         # With beam search the model step only encodes; the search runs here, per stream.
         self.search = search
         self._beam = search.start_fresh(engine.device) if search is not None else None
+        self._shown: Label | None = None  # the last label of the beam hypothesis in `hypothesis`
         self.frames_done = 0
         self.samples_in = 0
         self.sample_rate = sample_rate
@@ -107,13 +108,22 @@ class AsrStream:
         return self._take_best(final=self.done)
 
     def _take_best(self, final: bool) -> list[Token]:
-        best = self.search.best_final(self._beam) if final else self.search.best(self._beam)
-        tokens = [Token(i, f) for i, f in zip(best.tokens, best.frames)]
-        old, same = self.hypothesis.tokens, 0
-        while same < min(len(old), len(tokens)) and old[same] == tokens[same]:
-            same += 1
-        self.hypothesis.tokens = tokens
-        return tokens[same:]
+        """Make the best hypothesis the shown one, touching only the labels after the part it shares
+        with the previous one (walking both label chains back to their common node)."""
+        best = (self.search.best_final(self._beam) if final else self.search.best(self._beam)).last
+        old, new, changed = self._shown, best, []
+        while (old.depth if old else 0) > (new.depth if new else 0):
+            old = old.parent
+        while old is not new:
+            if old is not None and old.depth == new.depth:
+                old = old.parent
+            changed.append(new)
+            new = new.parent
+        del self.hypothesis.tokens[new.depth if new else 0:]
+        tokens = [Token(n.token, n.frame) for n in reversed(changed)]
+        self.hypothesis.tokens.extend(tokens)
+        self._shown = best
+        return tokens
 
     def settle_utterance(self) -> list[Token]:
         """An utterance ends here (endpoint): with beam search, pick its final best hypothesis
@@ -125,6 +135,7 @@ class AsrStream:
         self.hypothesis.tokens.clear()
         if self.search is not None:
             self._beam = self.search.commit(self._beam)
+            self._shown = None
 
     # -- output ----------------------------------------------------------------------------
     @property

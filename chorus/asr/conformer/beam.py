@@ -9,7 +9,10 @@ a list of hypotheses that `advance` takes and returns, so a stream can feed it c
 get exactly what one pass over the whole utterance gives (law 1): nothing looks past a frame.
 
 Each stream searches on its own on the host (the encoder step is still batched across streams);
-hypothesis token lists grow with the utterance, so the state does not fit a fixed-size slot.
+hypotheses grow with the utterance, so the state does not fit a fixed-size slot.  A hypothesis'
+labels are a chain of `Label` nodes shared with the hypotheses it came from, and equal label
+sequences are found by a key built label by label: extending or merging costs the same after an
+hour of audio as after a second (copying and hashing whole token tuples grew with the utterance).
 """
 from __future__ import annotations
 
@@ -38,15 +41,44 @@ class BeamConfig:
             raise ValueError("lm weight must be >= 0 and the length bonus finite")
 
 
+@dataclass(frozen=True)
+class Label:
+    """One label of a hypothesis, linked to the labels before it (shared between hypotheses)."""
+    token: int
+    frame: int                     # encoder frame it was emitted at
+    parent: "Label | None"
+    depth: int                     # labels up to and including this one
+
+
+def labels_of(last: Label | None) -> list[Label]:
+    """The chain ending at `last`, first label first."""
+    out = []
+    while last is not None:
+        out.append(last)
+        last = last.parent
+    return out[::-1]
+
+
+EMPTY_KEY = 0
+
+
 @dataclass
 class Hyp:
-    tokens: tuple[int, ...]
-    frames: tuple[int, ...]        # encoder frame of each token
+    last: Label | None             # the newest label (None: no label yet)
+    key: int                       # equal for equal label sequences: hash of (parent key, token)
     score: float
     pred_out: torch.Tensor         # predictor output after the last label [H]
     pred_proj: torch.Tensor        # joint.pred(pred_out) [J]
     state: tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each [layers, H]
     lm_context: tuple[int, ...]
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(n.token for n in labels_of(self.last))
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        return tuple(n.frame for n in labels_of(self.last))
 
 
 class RnntBeamSearch:
@@ -59,7 +91,7 @@ class RnntBeamSearch:
     @torch.no_grad()
     def start(self, pred_out: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> list[Hyp]:
         """One empty hypothesis from the predictor's output and state after the start symbol."""
-        return [Hyp((), (), 0.0, pred_out, self.joint.pred(pred_out), state,
+        return [Hyp(None, EMPTY_KEY, 0.0, pred_out, self.joint.pred(pred_out), state,
                     self.lm.start() if self.lm else ())]
 
     @torch.no_grad()
@@ -95,23 +127,23 @@ class RnntBeamSearch:
     def commit(self, hyps: list[Hyp]) -> list[Hyp]:
         """Keep the final best hypothesis alone, with its label history dropped (after an utterance's
         final): the predictor state goes on, as greedy decoding's does; the LM starts a new sentence."""
-        return [replace(self.best_final(hyps), tokens=(), frames=(), score=0.0,
+        return [replace(self.best_final(hyps), last=None, key=EMPTY_KEY, score=0.0,
                         lm_context=self.lm.start() if self.lm else ())]
 
     def _frame(self, hyps: list[Hyp], enc_t: torch.Tensor, frame: int) -> list[Hyp]:
         cfg, lm, blank = self.config, self.lm, self.predictor.blank
         k = cfg.beam_size
-        ended: dict[tuple[int, ...], Hyp] = {}  # hypotheses that closed this frame with blank
+        ended: dict[int, Hyp] = {}  # hypotheses that closed this frame with blank, by label sequence
         active = hyps
         for level in range(cfg.symbols_per_frame + 1):
             pred_proj = torch.stack([h.pred_proj for h in active])
             logp = torch.log_softmax(self.joint(enc_t[None], pred_proj).float(), dim=-1).double().cpu().numpy()
             scores = np.array([h.score for h in active])
             for h, closed in zip(active, (scores + logp[:, blank]).tolist()):
-                same = ended.get(h.tokens)
+                same = ended.get(h.key)
                 if same is not None:
                     closed = float(np.logaddexp(same.score, closed))
-                ended[h.tokens] = Hyp(h.tokens, h.frames, closed, h.pred_out, h.pred_proj, h.state, h.lm_context)
+                ended[h.key] = Hyp(h.last, h.key, closed, h.pred_out, h.pred_proj, h.state, h.lm_context)
             if level == cfg.symbols_per_frame:
                 break
             # every (hypothesis, label) extension at once: [hypotheses, labels]
@@ -137,8 +169,8 @@ class RnntBeamSearch:
         c = torch.stack([p.state[1] for p in parents], dim=1)
         out, (h, c) = self.predictor.step(labels, (h, c))
         proj = self.joint.pred(out)
-        return [Hyp(p.tokens + (w,), p.frames + (frame,), score, out[j], proj[j], (h[:, j], c[:, j]),
-                    self.lm.extend(p.lm_context, w) if self.lm else ())
+        return [Hyp(Label(w, frame, p.last, p.last.depth + 1 if p.last else 1), hash((p.key, w)), score,
+                    out[j], proj[j], (h[:, j], c[:, j]), self.lm.extend(p.lm_context, w) if self.lm else ())
                 for j, ((score, _, w), p) in enumerate(zip(candidates, parents))]
 
 
