@@ -152,7 +152,7 @@ def transcribe_files(loaded: LoadedModel, engine: ConformerStreamer, files: Iter
                 if stream.done:
                     stream.close()
                     done[index] = FileResult(name, stream.text, stream.hypothesis.ids, stream.words(),
-                                                   label, setting.lookahead_ms, len(audio) / rate)
+                                             label, setting.lookahead_ms, len(audio) / rate)
                 else:
                     still.append(item)
             active = still

@@ -5,10 +5,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..asr.conformer.beam import BeamConfig, RnntBeamSearch
+from ..asr.conformer.beam import RnntBeamSearch
 from ..asr.conformer.checkpoint import LoadedModel
 from ..asr.conformer.streaming import ConformerStreamer
 from ..asr.tokenizer import SentencePieceTokenizer
+from ..asr.transcribe import make_search
 
 
 @dataclass
@@ -29,9 +30,9 @@ class ModelEntry:
             return self.search
         if beam_size == 1:
             return None
-        model = self.loaded.model
         if self.search is None:
-            return RnntBeamSearch(model.joint, model.decoder, BeamConfig(beam_size=beam_size, length_bonus=0.0))
+            return make_search(self.loaded, beam_size=beam_size, lm="none")
+        model = self.loaded.model
         return RnntBeamSearch(model.joint, model.decoder, replace(self.search.config, beam_size=beam_size),
                               self.search.lm)
 
