@@ -98,6 +98,50 @@ def test_law2_beam_streams_batched_equal_alone(model, tokenizer, lm):
     assert all(alone) and sum(map(len, alone)) > 15
 
 
+@pytest.mark.parametrize("kind", ["beam4", "beam4+lm"])
+def test_beams_advanced_together_equal_each_alone(model, lm, kind):
+    """advance_many over beams at different points, with different frame counts (0 included),
+    gives each beam what its own advance gives: labels, frames and (to fp32 precision) scores."""
+    search = searches(model, lm)[kind]
+    encoded = [model.encoder(random_mel(n, seed=n)[None], torch.tensor([n]), (70, 6))[0][0]
+               for n in (96, 40, 200, 9)]
+    beams = [search.start_fresh() for _ in encoded]
+    beams[1] = search.advance(beams[1], encoded[2][:11], 0)  # one beam already under way
+    chunks = [encoded[0][:13], encoded[1], encoded[2][11:24], encoded[3][:0]]
+    firsts = [0, 11, 11, 0]
+    together = search.advance_many(beams, chunks, firsts)
+    for beam, chunk, first, got in zip(beams, chunks, firsts, together):
+        alone = search.advance(beam, chunk, first)
+        assert [(h.tokens, h.frames) for h in got] == [(h.tokens, h.frames) for h in alone]
+        # fp32 joint rows computed in a larger batch may differ in the last bit
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in alone], rtol=1e-6)
+    assert together[3] == beams[3] and all(len(b) == 4 for b in together[:3])
+
+
+def test_streams_that_search_alike_advance_in_one_call(model, tokenizer, lm, monkeypatch):
+    """Equal searches made apart (as the server makes one per requested beam size) share a batch key
+    and advance together; a different beam size advances on its own."""
+    make = lambda k: RnntBeamSearch(model.joint, model.decoder, BeamConfig(k, lm_weight=0.3), lm)  # noqa: E731
+    kinds = [make(4), make(4), make(6), None, make(4)]
+    assert kinds[0].batch_key == kinds[1].batch_key != kinds[2].batch_key
+    calls = []
+    original = RnntBeamSearch.advance_many
+    monkeypatch.setattr(RnntBeamSearch, "advance_many",
+                        lambda self, beams, *rest: calls.append(len(beams)) or original(self, beams, *rest))
+    engine = ConformerStreamer(model, slots=len(kinds))
+    setting = engine.setting((70, 6))
+    streams = [AsrStream(engine, tokenizer, setting, "rnnt", 16000, k) for k in kinds]
+    try:
+        audio = (np.random.default_rng(4).standard_normal(16000) * 0.1).astype(np.float32)
+        for s in streams:
+            s.accept_audio(audio)
+        step_streams(streams)
+    finally:
+        for s in streams:
+            s.close()
+    assert sorted(calls) == [1, 3]
+
+
 def test_the_language_model_steers_the_search(model, tokenizer, lm):
     """With a heavy LM weight the output follows the LM's text; without it, the acoustic model."""
     mel = random_mel(400, seed=5)

@@ -15,7 +15,7 @@ import torch
 from ..codecs.resample import StreamingResampler
 from ..stream.chunking import FrameChunker
 from ..stream.features import OnlineMel
-from .conformer.beam import Label, RnntBeamSearch
+from .conformer.beam import Hyp, Label, RnntBeamSearch
 from .conformer.streaming import ConformerStreamer, StepResult, StreamSetting
 from .tokenizer import SentencePieceTokenizer
 
@@ -93,19 +93,25 @@ class AsrStream:
         """What the batched model step decodes for this stream (None: the beam search does it here)."""
         return None if self.search is not None else self.decoder
 
-    def apply(self, result: StepResult) -> list[Token]:
+    def apply(self, result: StepResult, beam: list[Hyp] | None = None) -> list[Token]:
         """Take a step's result; returns the tokens that are new in the hypothesis.
 
         Greedy hypotheses only grow.  The best beam hypothesis may revise its recent tokens: the
-        new ones are those after the part it shares with the previous best."""
+        new ones are those after the part it shares with the previous best.  `beam`: this stream's
+        beam already advanced over the result's frames (`step_streams` advances streams together)."""
         self.frames_done = result.frames_done
         if self.search is None:
             new = [Token(i, f) for i, f in zip(result.tokens, result.token_frames)]
             self.hypothesis.tokens.extend(new)
             return new
-        first_frame = result.frames_done - result.encoded.shape[0]
-        self._beam = self.search.advance(self._beam, result.encoded, first_frame)
+        if beam is None:
+            beam = self.search.advance(*self.beam_input(result))
+        self._beam = beam
         return self._take_best(final=self.done)
+
+    def beam_input(self, result: StepResult) -> tuple[list[Hyp], torch.Tensor, int]:
+        """What the beam search advances over for this result: (beam, encoder frames, first frame)."""
+        return self._beam, result.encoded, result.frames_done - result.encoded.shape[0]
 
     def _take_best(self, final: bool) -> list[Token]:
         """Make the best hypothesis the shown one, touching only the labels after the part it shares
@@ -189,8 +195,23 @@ def step_streams(streams: list[AsrStream]) -> list[tuple[AsrStream, list[Token]]
         taken = [s.chunker.take() for s in group]
         results = group[0].engine.step([s.slot for s in group], [c for c, _ in taken], [n for _, n in taken],
                                        group[0].setting, [s.step_decoder for s in group])
-        out += [(s, s.apply(r)) for s, r in zip(group, results)]
+        beams = _advance_beams(group, results)
+        out += [(s, s.apply(r, beams.get(id(s)))) for s, r in zip(group, results)]
     return out
+
+
+def _advance_beams(streams: list[AsrStream], results: list[StepResult]) -> dict[int, list[Hyp]]:
+    """Advance the beams of the streams that search alike together; their new beams by id(stream)."""
+    alike: dict[tuple, list[tuple[AsrStream, StepResult]]] = {}
+    for s, r in zip(streams, results):
+        if s.search is not None:
+            alike.setdefault(s.search.batch_key, []).append((s, r))
+    beams = {}
+    for pairs in alike.values():
+        inputs = [s.beam_input(r) for s, r in pairs]
+        advanced = pairs[0][0].search.advance_many(*(list(column) for column in zip(*inputs)))
+        beams.update((id(s), beam) for (s, _), beam in zip(pairs, advanced))
+    return beams
 
 
 def run_to_end(streams: list[AsrStream]) -> None:

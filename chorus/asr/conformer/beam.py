@@ -8,8 +8,9 @@ lm_weight x ln P_lm(end of sentence) is added before the best is chosen.  The se
 a list of hypotheses that `advance` takes and returns, so a stream can feed it chunk by chunk and
 get exactly what one pass over the whole utterance gives (law 1): nothing looks past a frame.
 
-Each stream searches on its own on the host (the encoder step is still batched across streams);
-hypotheses grow with the utterance, so the state does not fit a fixed-size slot.  A hypothesis'
+The search runs on the host, outside the model step; streams searched alike advance together
+(`advance_many`: one joint and one predictor call per frame and label level for all of them).
+Hypotheses grow with the utterance, so the state does not fit a fixed-size slot.  A hypothesis'
 labels are a chain of `Label` nodes shared with the hypotheses it came from, and equal label
 sequences are found by a key built label by label: extending or merging costs the same after an
 hour of audio as after a second (copying and hashing whole token tuples grew with the utterance).
@@ -104,10 +105,32 @@ class RnntBeamSearch:
     @torch.no_grad()
     def advance(self, hyps: list[Hyp], encoded: torch.Tensor, first_frame: int) -> list[Hyp]:
         """Search over encoder frames [T, d] (frame indices first_frame...); returns the new beam, best first."""
-        enc_proj = self.joint.enc(encoded)
-        for t in range(enc_proj.shape[0]):
-            hyps = self._frame(hyps, enc_proj[t], first_frame + t)
-        return hyps
+        return self.advance_many([hyps], [encoded], [first_frame])[0]
+
+    @torch.no_grad()
+    def advance_many(self, beams: list[list[Hyp]], encoded: list[torch.Tensor],
+                     first_frames: list[int]) -> list[list[Hyp]]:
+        """`advance` for several streams' beams at once (streams searched alike: see `batch_key`).
+
+        Their frames go through the joint network and the predictor together, one call per frame
+        and label level instead of one per stream (the calls are tiny, so their fixed cost is what
+        a server with many streams pays); the selection stays per stream, so each beam comes out
+        as its own `advance` makes it."""
+        lengths = [e.shape[0] for e in encoded]
+        enc_proj = self.joint.enc(torch.cat(list(encoded))).split(lengths)
+        beams = list(beams)
+        for t in range(max(lengths, default=0)):
+            live = [i for i, n in enumerate(lengths) if t < n]
+            rows = torch.stack([enc_proj[i][t] for i in live])
+            for i, beam in zip(live, self._frame([beams[i] for i in live], rows,
+                                                 [first_frames[i] + t for i in live])):
+                beams[i] = beam
+        return beams
+
+    @property
+    def batch_key(self) -> tuple:
+        """Searches with equal keys (same networks, settings and LM) can advance their beams together."""
+        return id(self.joint), id(self.predictor), self.config, id(self.lm)
 
     @staticmethod
     def best(hyps: list[Hyp]) -> Hyp:
@@ -130,48 +153,71 @@ class RnntBeamSearch:
         return [replace(self.best_final(hyps), last=None, key=EMPTY_KEY, score=0.0,
                         lm_context=self.lm.start() if self.lm else ())]
 
-    def _frame(self, hyps: list[Hyp], enc_t: torch.Tensor, frame: int) -> list[Hyp]:
-        cfg, lm, blank = self.config, self.lm, self.predictor.blank
-        k = cfg.beam_size
-        ended: dict[int, Hyp] = {}  # hypotheses that closed this frame with blank, by label sequence
-        active = hyps
+    def _frame(self, beams: list[list[Hyp]], enc_rows: torch.Tensor, frames: list[int]) -> list[list[Hyp]]:
+        """One encoder frame for each beam (its projected encoder row in enc_rows [beams, J])."""
+        cfg, lm = self.config, self.lm
+        ended: list[dict[int, Hyp]] = [{} for _ in beams]  # per beam: hypotheses closed with blank, by labels
+        active = list(beams)
         for level in range(cfg.symbols_per_frame + 1):
-            pred_proj = torch.stack([h.pred_proj for h in active])
-            logp = torch.log_softmax(self.joint(enc_t[None], pred_proj).float(), dim=-1).double().cpu().numpy()
-            scores = np.array([h.score for h in active])
-            for h, closed in zip(active, (scores + logp[:, blank]).tolist()):
-                same = ended.get(h.key)
-                if same is not None:
-                    closed = float(np.logaddexp(same.score, closed))
-                ended[h.key] = Hyp(h.last, h.key, closed, h.pred_out, h.pred_proj, h.state, h.lm_context)
-            if level == cfg.symbols_per_frame:
+            live = [b for b, hyps in enumerate(active) if hyps]
+            if not live:
                 break
-            # every (hypothesis, label) extension at once: [hypotheses, labels]
-            total = scores[:, None] + logp[:, :blank] + cfg.length_bonus
-            if lm is not None and cfg.lm_weight:
-                total += cfg.lm_weight * np.stack([lm.log_probs(h.lm_context) for h in active])
-            flat = total.ravel()
-            best = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-            best = best[np.lexsort((best, -flat[best]))]  # by score, then hypothesis, then label
-            closed_scores = sorted((h.score for h in ended.values()), reverse=True)
-            floor = closed_scores[k - 1] if len(closed_scores) >= k else -np.inf
-            candidates = [(flat[j], j // blank, j % blank) for j in best.tolist() if flat[j] > floor]
-            if not candidates:
+            rows = [h for b in live for h in active[b]]
+            owner = torch.tensor([b for b in live for _ in active[b]], device=enc_rows.device)
+            logits = self.joint(enc_rows[owner], torch.stack([h.pred_proj for h in rows]))
+            logp = torch.log_softmax(logits.float(), dim=-1).double().cpu().numpy()
+            lm_logp = (np.stack([lm.log_probs(h.lm_context) for h in rows])
+                       if lm is not None and cfg.lm_weight else None)
+            choose = level < cfg.symbols_per_frame
+            start, chosen = 0, []
+            for b in live:
+                end = start + len(active[b])
+                picks = self._close_and_pick(active[b], logp[start:end],
+                                             None if lm_logp is None else lm_logp[start:end], ended[b], choose)
+                chosen += [(b, active[b][i], w, score) for score, i, w in picks]
+                start = end
+            if not chosen:
                 break
-            active = self._extend(active, candidates, frame)
-        return sorted(ended.values(), key=lambda h: -h.score)[:k]
+            active = [[] for _ in beams]
+            for (b, _, _, _), hyp in zip(chosen, self._extend(chosen, frames)):
+                active[b].append(hyp)
+        return [sorted(e.values(), key=lambda h: -h.score)[:cfg.beam_size] for e in ended]
 
-    def _extend(self, hyps: list[Hyp], candidates: list[tuple[float, int, int]], frame: int) -> list[Hyp]:
-        """Run the predictor once for all new labels."""
-        parents = [hyps[i] for _, i, _ in candidates]
-        labels = torch.tensor([w for _, _, w in candidates], device=parents[0].pred_out.device)
+    def _close_and_pick(self, hyps: list[Hyp], logp: np.ndarray, lm_logp: np.ndarray | None,
+                        ended: dict[int, Hyp], choose: bool) -> list[tuple[float, int, int]]:
+        """Close every hypothesis with blank into `ended` (summing equal label sequences); then, if
+        `choose`, return the extensions (score, hypothesis, label) that can still make the beam."""
+        cfg, blank, k = self.config, self.predictor.blank, self.config.beam_size
+        scores = np.array([h.score for h in hyps])
+        for h, closed in zip(hyps, (scores + logp[:, blank]).tolist()):
+            same = ended.get(h.key)
+            if same is not None:
+                closed = float(np.logaddexp(same.score, closed))
+            ended[h.key] = Hyp(h.last, h.key, closed, h.pred_out, h.pred_proj, h.state, h.lm_context)
+        if not choose:
+            return []
+        # every (hypothesis, label) extension at once: [hypotheses, labels]
+        total = scores[:, None] + logp[:, :blank] + cfg.length_bonus
+        if lm_logp is not None:
+            total += cfg.lm_weight * lm_logp
+        flat = total.ravel()
+        best = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+        best = best[np.lexsort((best, -flat[best]))]  # by score, then hypothesis, then label
+        closed_scores = sorted((h.score for h in ended.values()), reverse=True)
+        floor = closed_scores[k - 1] if len(closed_scores) >= k else -np.inf
+        return [(flat[j], j // blank, j % blank) for j in best.tolist() if flat[j] > floor]
+
+    def _extend(self, chosen: list[tuple[int, Hyp, int, float]], frames: list[int]) -> list[Hyp]:
+        """Run the predictor once for every new label of every beam ((beam, parent, label, score) each)."""
+        parents = [p for _, p, _, _ in chosen]
+        labels = torch.tensor([w for _, _, w, _ in chosen], device=parents[0].pred_out.device)
         h = torch.stack([p.state[0] for p in parents], dim=1)
         c = torch.stack([p.state[1] for p in parents], dim=1)
         out, (h, c) = self.predictor.step(labels, (h, c))
         proj = self.joint.pred(out)
-        return [Hyp(Label(w, frame, p.last, p.last.depth + 1 if p.last else 1), hash((p.key, w)), score,
+        return [Hyp(Label(w, frames[b], p.last, p.last.depth + 1 if p.last else 1), hash((p.key, w)), score,
                     out[j], proj[j], (h[:, j], c[:, j]), self.lm.extend(p.lm_context, w) if self.lm else ())
-                for j, ((score, _, w), p) in enumerate(zip(candidates, parents))]
+                for j, (b, p, w, score) in enumerate(chosen)]
 
 
 def rnnt_beam_offline(search: RnntBeamSearch, encoded: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
