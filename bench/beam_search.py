@@ -7,7 +7,9 @@ Every configuration streams the same files through `transcribe_files` (20 ms pie
 once, so encoder steps are batched) and is timed `--repeats` times, interleaved; the figure is the
 median CPU-seconds per audio second (real-time factor) and its ratio to greedy measured in the same
 run.  With a manifest, WER (jiwer, normalised text) is printed too.  The encoder's share is the same
-in every configuration; the difference is the search, which runs per stream on the host.
+in every configuration; the difference is the search, which runs on the host.  Streams searched alike
+advance together (one joint and one predictor call per frame for all of them); the `one by one` row is
+the widest LM configuration with every stream advanced on its own, as before that batching.
 """
 from __future__ import annotations
 
@@ -22,10 +24,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from chorus.asr.conformer.beam import RnntBeamSearch  # noqa: E402
 from chorus.asr.conformer.streaming import ConformerStreamer  # noqa: E402
 from chorus.asr.evaluate import read_manifest  # noqa: E402
 from chorus.asr.textnorm import normalize_text  # noqa: E402
 from chorus.asr.transcribe import load_model, make_search, transcribe_files  # noqa: E402
+
+
+class OneByOne(RnntBeamSearch):
+    """The same search with no two streams batched together (a new key each time): the baseline."""
+
+    @property
+    def batch_key(self) -> tuple:
+        return (object(),)
 
 
 def main() -> None:
@@ -53,6 +64,10 @@ def main() -> None:
         with_lm = make_search(loaded, beam_size=k, lm=args.lm)
         if with_lm is not None and with_lm.lm is not None:
             configs[f"beam {k} + lm"] = with_lm
+    last = list(configs)[-1]
+    widest = configs[last]
+    if widest is not None:
+        configs[f"{last}, one by one"] = OneByOne(widest.joint, widest.predictor, widest.config, widest.lm)
     engine = ConformerStreamer(loaded.model, slots=args.streams)
     times: dict[str, list[float]] = {name: [] for name in configs}
     texts: dict[str, list[str]] = {}
@@ -68,10 +83,10 @@ def main() -> None:
     base = statistics.median(times["greedy"])
     print(f"{len(files)} files, {audio_seconds:.1f} s of audio, {args.streams} streams at once, "
           f"lookahead {args.lookahead_ms} ms, {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'decoding':>14} {'CPU s':>8} {'RTF':>7} {'x greedy':>9}" + (f" {'WER':>7}" if refs else ""))
+    print(f"{'decoding':>26} {'CPU s':>8} {'RTF':>7} {'x greedy':>9}" + (f" {'WER':>7}" if refs else ""))
     for name in configs:
         t = statistics.median(times[name])
-        line = f"{name:>14} {t:8.2f} {t / audio_seconds:7.4f} {t / base:9.2f}"
+        line = f"{name:>26} {t:8.2f} {t / audio_seconds:7.4f} {t / base:9.2f}"
         if refs:
             import jiwer
             line += f" {100 * jiwer.wer(refs, texts[name]):6.2f}%"
