@@ -260,6 +260,10 @@ def test_the_bundled_model_decodes_with_its_bundled_lm(bundled):
     assert search.config.beam_size == 8 and search.lm is not None and search.lm.order == 5
     assert search.lm.vocab_size == loaded.tokenizer.vocab_size
     assert make_search(loaded, lm="none") is None
+    # `--beam 1` (greedy, as the README and the server docs offer) leaves the bundled LM out instead of failing
+    assert make_search(loaded, beam_size=1) is None
+    with pytest.raises(ValueError, match="needs beam search"):
+        make_search(loaded, beam_size=1, lm=str(default_lm_path()))
 
 
 def test_bundled_model_beam_law1_every_lookahead(bundled):

@@ -49,12 +49,13 @@ def make_search(loaded: LoadedModel, *, beam_size: int | None = None, lm: str | 
                 lm_weight: float | None = None, length_bonus: float | None = None) -> RnntBeamSearch | None:
     """The RNNT decoding a model gets: None for greedy, else a beam search (with an n-gram LM).
 
-    lm: "auto" = the bundled LM for the bundled model and none for others; "none"; or an ARPA path.
+    lm: "auto" = the bundled LM for the bundled model decoded with a beam, else none; "none"; or an ARPA path.
     beam_size: None = 8 when there is an LM, else 1; 1 means greedy.
     """
     bundled = Path(loaded.path).resolve() == default_model_path().resolve()
-    if lm == "auto":
-        lm = str(default_lm_path()) if bundled and default_lm_path().exists() else None
+    if lm == "auto":  # the bundled LM, unless greedy decoding was asked for (an LM needs a beam)
+        wants_beam = beam_size is None or beam_size > 1
+        lm = str(default_lm_path()) if bundled and wants_beam and default_lm_path().exists() else None
     elif lm == "none":
         lm = None
     if beam_size is None:
