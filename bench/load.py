@@ -11,7 +11,8 @@ is exactly what a deployment runs.  Two servers are started on the same model an
 whole run; every point is run on both ("variants", interleaved):
   batched:    the defaults (--max-batch 64, --batch-wait-ms 10);
   unbatched:  --max-batch 1 (each ready stream is stepped alone; the batch wait is left at its default).
-(--variants also knows `nowait`: batched with --batch-wait-ms 0, and `unbatched-nowait`.)
+(--variants also knows `nowait`: batched with --batch-wait-ms 0, `unbatched-nowait`, and `greedy`: batched
+with --beam 1, the baseline for a model whose default decoding is beam search, such as the bundled one.)
 
 The clients (one process, asyncio, websockets' asyncio client): each streams 16 kHz pcm_s16le in
 20 ms binary frames at real-time pace (frame k is sent at t0 + (k+1) x 20 ms, when a microphone
@@ -96,6 +97,7 @@ VARIANTS = {
     "unbatched": ["--max-batch", "1"],
     "nowait": ["--batch-wait-ms", "0"],
     "unbatched-nowait": ["--max-batch", "1", "--batch-wait-ms", "0"],
+    "greedy": ["--beam", "1"],  # batched; for the bundled model, whose default decoding is beam 8 + LM
 }
 
 
