@@ -53,7 +53,8 @@ class AsrStream:
         self.features = OnlineMel(model.frontend)
         self.chunker = FrameChunker(setting.plan, model.spec.mel.n_mels)
         self.hypothesis = Hypothesis()
-        # With beam search the model step only encodes; the search runs here, per stream.
+        # With beam search the model step only encodes; the search runs after it (step_streams
+        # advances the beams of streams that search alike together).
         self.search = search
         self._beam = search.start_fresh(engine.device) if search is not None else None
         self._shown: Label | None = None  # the last label of the beam hypothesis in `hypothesis`

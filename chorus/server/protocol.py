@@ -13,7 +13,7 @@ from ..codecs import ENCODINGS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from ..stream.endpointing import EndpointConfig
 
 PROTOCOL = "chorus.asr.v1"
-MAX_BEAM_SIZE = 16  # beam search runs per stream on the host: bound its cost
+MAX_BEAM_SIZE = 16  # beam search runs on the host, its cost grows with the beam: bound it
 
 # code -> WebSocket close code
 CLOSE_CODES = {
