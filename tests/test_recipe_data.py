@@ -78,3 +78,45 @@ def test_spec_augment_masks_with_the_utterance_mean_not_zero():
     assert changed.any() and torch.equal(mel, before)  # masked something, input untouched
     assert torch.allclose(out[changed], torch.full_like(out[changed], float(mel.mean())))
     assert not (out == 0).any()
+
+
+def test_vtlp_warp_maps_the_band_onto_itself_and_scales_low_frequencies():
+    freqs = np.linspace(0, 8000, 257)
+    assert np.allclose(data.vtlp_warp(freqs, 1.0, 8000), freqs)
+    for alpha in (0.88, 1.12):
+        warped = data.vtlp_warp(freqs, alpha, 8000)
+        assert warped[0] == 0 and np.isclose(warped[-1], 8000)
+        assert np.all(np.diff(warped) > 0)  # monotonic: no frequency folds onto another
+        low = freqs < 3000
+        assert np.allclose(warped[low], alpha * freqs[low])
+
+
+def _sine(freq, seconds=0.5, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_vtlp_filterbank_moves_a_formant_by_alpha():
+    """A 1000 Hz tone through the filterbank warped by 1.1 peaks in the mel band where 1100 Hz does
+    through the plain one; alpha 1 leaves the filterbank as it is."""
+    frontend = MelFrontend(MelConfig())
+    assert torch.allclose(data.vtlp_filterbank(frontend.filterbank, 1.0, 16000), frontend.filterbank)
+    warped = MelFrontend(MelConfig(), frontend.window, data.vtlp_filterbank(frontend.filterbank, 1.1, 16000))
+
+    def peak(front, freq):
+        return int(front.offline(_sine(freq)).mean(dim=1).argmax())
+
+    assert peak(warped, 1000) == peak(frontend, 1100) != peak(frontend, 1000)
+    assert peak(warped, 2000) == peak(frontend, 2200) != peak(frontend, 2000)
+
+
+def test_vtlp_applies_to_training_items_only_and_changes_their_features(tmp_path):
+    rows = _rows(tmp_path)[:1]
+    frontend = MelFrontend(MelConfig())
+    base = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=1)
+    warped = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=1, vtlp=1.0)
+    assert not torch.equal(base[0][0], warped[0][0])
+    assert len(warped._warped) == 1  # a filterbank built for the factor drawn
+    evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, vtlp=1.0)
+    audio, _ = sf.read(rows[0]["audio_filepath"], dtype="float32")
+    assert torch.equal(evaluation[0][0], frontend.offline(audio))

@@ -68,16 +68,51 @@ def spec_augment(mel: torch.Tensor, rng: np.random.Generator, freq_masks: int = 
     return mel
 
 
+def vtlp_warp(freqs: np.ndarray, alpha: float, nyquist: float, f_hi: float = 4800.0) -> np.ndarray:
+    """Piecewise-linear frequency warp of VTLP (Jaitly & Hinton 2013; Kaldi's VTLN): f -> alpha * f up to a
+    boundary, then a straight line to Nyquist, so that [0, Nyquist] maps onto itself."""
+    boundary = f_hi * min(alpha, 1.0) / alpha
+    upper = nyquist - (nyquist - alpha * boundary) / (nyquist - boundary) * (nyquist - freqs)
+    return np.where(freqs <= boundary, alpha * freqs, upper)
+
+
+def vtlp_filterbank(filterbank: torch.Tensor, alpha: float, sample_rate: int) -> torch.Tensor:
+    """A filterbank that hears a voice as if its vocal tract were 1/alpha as long.
+
+    Filter m of the result weighs FFT frequency f as filter m weighs vtlp_warp(f) (alpha * f below the
+    boundary): a formant at f shows in the features where one at alpha * f would, so alpha > 1 moves formants up."""
+    n_bins = filterbank.shape[-1]
+    freqs = np.linspace(0.0, sample_rate / 2, n_bins)
+    warped = vtlp_warp(freqs, alpha, sample_rate / 2)
+    fb = filterbank.double().numpy()
+    out = np.stack([np.interp(warped, freqs, row) for row in fb])
+    return torch.from_numpy(out).to(filterbank.dtype)
+
+
 class UtteranceDataset(torch.utils.data.Dataset):
     """Yields (log-mel [n_mels, T], token ids) with on-the-fly audio and spectrum augmentation."""
 
-    def __init__(self, rows: list[dict], tokenizer, frontend: MelFrontend, *, train: bool, seed: int = 0):
+    def __init__(self, rows: list[dict], tokenizer, frontend: MelFrontend, *, train: bool, seed: int = 0,
+                 vtlp: float = 0.0):
         self.rows = rows
         self.tokenizer = tokenizer
         self.frontend = frontend
         self.train = train  # augment (silence, audio effects, SpecAugment)
         self.seed = seed
         self.epoch = 0
+        self.vtlp = vtlp  # probability of a warped filterbank per training utterance
+        self._warped: dict[float, MelFrontend] = {}
+
+    def frontend_for(self, rng: np.random.Generator) -> MelFrontend:
+        """The plain frontend, or (with probability vtlp) one with a VTLP-warped filterbank; factors are
+        drawn from 0.88..1.12 in steps of 0.01 so that the few distinct filterbanks are built once."""
+        if not (self.train and self.vtlp > 0 and rng.random() < self.vtlp):
+            return self.frontend
+        alpha = round(float(rng.uniform(0.88, 1.12)), 2)
+        if alpha not in self._warped:
+            fb = vtlp_filterbank(self.frontend.filterbank, alpha, self.frontend.config.sample_rate)
+            self._warped[alpha] = MelFrontend(self.frontend.config, self.frontend.window, fb)
+        return self._warped[alpha]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,7 +126,7 @@ class UtteranceDataset(torch.utils.data.Dataset):
         if self.train or row.get("augment"):  # (repeated copies of real speech are always augmented)
             audio = pad_silence(audio, rng, self.frontend.config.sample_rate)
             audio = augment.random_augment(audio, rng)
-        mel = self.frontend.offline(audio)
+        mel = self.frontend_for(rng).offline(audio)
         if self.train:
             mel = spec_augment(mel, rng)
         return mel, torch.tensor(self.tokenizer.encode(row["text"]), dtype=torch.long)

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from chorus.asr.conformer.asr_model import FastConformerModel, ModelSpec, RNNTConfig  # noqa: E402
-from chorus.asr.conformer.checkpoint import save_fastconformer  # noqa: E402
+from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer  # noqa: E402
 from chorus.asr.conformer.decoding import ctc_offline, rnnt_offline  # noqa: E402
 from chorus.asr.conformer.losses import hybrid_loss  # noqa: E402
 from chorus.asr.conformer.model import EncoderConfig  # noqa: E402
@@ -126,9 +126,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--ctc-weight", type=float, default=0.3)
-    p.add_argument("--curriculum-steps", type=int, default=11000,
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="fine-tune: start from this .nemo's weights and tokenizer (a fresh optimizer; no CTC-only "
+                        "or clean-only phase unless asked for)")
+    p.add_argument("--vtlp", type=float, default=0.0,
+                   help="probability of vocal tract length perturbation per training utterance (a warped "
+                        "filterbank, factor 0.88..1.12): new speakers from the same voices")
+    p.add_argument("--curriculum-steps", type=int, default=None,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
-    p.add_argument("--ctc-only-steps", type=int, default=800,
+    p.add_argument("--ctc-only-steps", type=int, default=None,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
                         "learns the text's language model and the encoder stays on the blank plateau")
     p.add_argument("--fsdd-repeat", type=int, default=4,
@@ -147,6 +153,11 @@ def main() -> None:
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
+    fresh = args.init_from is None  # a model from scratch gets a CTC-only start and a clean-only curriculum
+    if args.curriculum_steps is None:
+        args.curriculum_steps = 11000 if fresh else 0
+    if args.ctc_only_steps is None:
+        args.ctc_only_steps = 800 if fresh else 0
     if args.smoke:
         args.size, args.max_steps, args.warmup, args.vocab_size = "tiny", 4, 1, 64
         args.save_every, args.eval_every, args.batch_seconds, args.eval_limit = 2, 3, 20.0, 3
@@ -165,8 +176,19 @@ def main() -> None:
     dev_rows = data.read_manifest(args.corpus / "dev.json")
     print(f"train: {len(train_rows)} utterances, {data.hours(train_rows):.1f} h; dev: {len(dev_rows)}", flush=True)
     texts = [r["text"] for r in train_rows if not r.get("augment")]  # (each sentence once)
+    initial = None
+    if args.init_from:  # its tokenizer, not one trained on this corpus: the output layer is tied to it
+        initial = load_fastconformer(args.init_from)
+        if not (args.work / "tokenizer.model").exists():
+            (args.work / "tokenizer.model").write_bytes(initial.tokenizer.model_proto)
     tokenizer = train_tokenizer(texts, args.vocab_size, args.work / "tokenizer.model")
     model = FastConformerModel(build_spec(args.size, tokenizer.vocab_size)).train()
+    if initial is not None:
+        try:  # (our spec, for its training dropout; the weights must fit it exactly)
+            model.load_state_dict(initial.model.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise SystemExit(f"--init-from {args.init_from}: not a --size {args.size} model: {exc}") from None
+        print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {n_params / 1e6:.2f} M parameters, threads {torch.get_num_threads()}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
@@ -184,7 +206,8 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    dataset = data.UtteranceDataset(train_rows, tokenizer, model.frontend, train=True, seed=args.seed)
+    dataset = data.UtteranceDataset(train_rows, tokenizer, model.frontend, train=True, seed=args.seed,
+                                    vtlp=args.vtlp)
     context_rng = random.Random(args.seed * 1000 + state["step"])
     bar = tqdm(total=args.max_steps, initial=state["step"], unit="step", dynamic_ncols=True)
     t_start, audio_seconds = time.time(), 0.0

@@ -212,6 +212,12 @@ def all_voices() -> list[Voice]:
               extra={"base_stretch": 1.05, "f0_std": 14}),
         Voice("festival:ked_diphone", "festival", "ked_diphone", "festival", base_f0=105.0,
               extra={"base_stretch": 1.0, "f0_std": 15}),
+        # British male diphone voices (festvox-rablpc16k, festvox-don), added after the shipped model's first
+        # 34,000 steps: more diphone speakers, the kind of engine the held-out MBROLA voice is
+        Voice("festival:rab_diphone", "festival", "rab_diphone", "festival", base_f0=105.0,
+              extra={"base_stretch": 1.0, "f0_std": 14}),
+        Voice("festival:don_diphone", "festival", "don_diphone", "festival", base_f0=105.0,
+              extra={"base_stretch": 1.0, "f0_std": 14}),
         Voice("festival:cmu_us_slt_arctic_hts", "festival", "cmu_us_slt_arctic_hts", "festival",
               pitch_control=False, extra={"hts": True}),
     ]
