@@ -120,3 +120,29 @@ def test_vtlp_applies_to_training_items_only_and_changes_their_features(tmp_path
     evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, vtlp=1.0)
     audio, _ = sf.read(rows[0]["audio_filepath"], dtype="float32")
     assert torch.equal(evaluation[0][0], frontend.offline(audio))
+
+
+def test_spectral_tilt_matches_filtering_the_audio():
+    """A +6 dB/octave tilt: the 2 kHz tone's band gains 6 dB (x2 in amplitude) against 1 kHz's."""
+    frontend = MelFrontend(MelConfig())
+    centres = data.band_centres(frontend.filterbank, 16000)
+    assert np.all(np.diff(centres) > 0) and 0 < centres[0] < 100 and 7000 < centres[-1] < 8000
+    for freq, octaves in ((2000, 1.0), (500, -1.0)):
+        mel = frontend.offline(_sine(freq))
+        band = int(mel.mean(dim=1).argmax())
+        tilted = data.spectral_tilt(mel, 6.0, centres, 2.0)
+        expected = 6.0 * np.log2(centres[band] / 1000.0)  # dB at the band's centre
+        assert abs(expected - 6.0 * octaves) < 1.0
+        gain = float((tilted - mel)[band].mean())
+        assert abs(gain - expected * np.log(10) / 10) < 1e-4  # power: 10 dB per ln(10) nats
+
+
+def test_tilt_applies_to_training_items_only(tmp_path):
+    rows = _rows(tmp_path)[:1]
+    frontend = MelFrontend(MelConfig())
+    base = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=2)
+    tilted = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=2, tilt=1.0)
+    assert not torch.equal(base[0][0], tilted[0][0])
+    evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, tilt=1.0)
+    audio, _ = sf.read(rows[0]["audio_filepath"], dtype="float32")
+    assert torch.equal(evaluation[0][0], frontend.offline(audio))

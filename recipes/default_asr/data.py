@@ -89,11 +89,28 @@ def vtlp_filterbank(filterbank: torch.Tensor, alpha: float, sample_rate: int) ->
     return torch.from_numpy(out).to(filterbank.dtype)
 
 
+def band_centres(filterbank: torch.Tensor, sample_rate: int) -> np.ndarray:
+    """Centre frequency (Hz) of each mel band: the weighted mean of the frequencies it sums."""
+    fb = filterbank.double().numpy()
+    freqs = np.linspace(0.0, sample_rate / 2, fb.shape[-1])
+    return (fb @ freqs) / np.maximum(fb.sum(axis=1), 1e-12)
+
+
+def spectral_tilt(mel: torch.Tensor, db_per_octave: float, centres: np.ndarray, mag_power: float) -> torch.Tensor:
+    """Log-mel [n_mels, T] of the same audio through a filter of db_per_octave slope around 1 kHz.
+
+    Voices differ in how fast their spectrum falls with frequency (breathy, pressed, a diphone
+    database's recording chain); the log-mel of power spectra is shifted by the gain in nats."""
+    gain_db = db_per_octave * np.log2(np.maximum(centres, 50.0) / 1000.0)
+    nats = gain_db * math.log(10) / 20 * mag_power  # dB of amplitude -> ln of |X| ** mag_power
+    return mel + torch.as_tensor(nats, dtype=mel.dtype)[:, None]
+
+
 class UtteranceDataset(torch.utils.data.Dataset):
     """Yields (log-mel [n_mels, T], token ids) with on-the-fly audio and spectrum augmentation."""
 
     def __init__(self, rows: list[dict], tokenizer, frontend: MelFrontend, *, train: bool, seed: int = 0,
-                 vtlp: float = 0.0):
+                 vtlp: float = 0.0, tilt: float = 0.0):
         self.rows = rows
         self.tokenizer = tokenizer
         self.frontend = frontend
@@ -102,6 +119,8 @@ class UtteranceDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.vtlp = vtlp  # probability of a warped filterbank per training utterance
         self._warped: dict[float, MelFrontend] = {}
+        self.tilt = tilt  # probability of a random spectral tilt (+-3 dB per octave) per training utterance
+        self._centres = band_centres(frontend.filterbank, frontend.config.sample_rate)
 
     def frontend_for(self, rng: np.random.Generator) -> MelFrontend:
         """The plain frontend, or (with probability vtlp) one with a VTLP-warped filterbank; factors are
@@ -127,6 +146,8 @@ class UtteranceDataset(torch.utils.data.Dataset):
             audio = pad_silence(audio, rng, self.frontend.config.sample_rate)
             audio = augment.random_augment(audio, rng)
         mel = self.frontend_for(rng).offline(audio)
+        if self.train and self.tilt > 0 and rng.random() < self.tilt:
+            mel = spectral_tilt(mel, float(rng.uniform(-3.0, 3.0)), self._centres, self.frontend.config.mag_power)
         if self.train:
             mel = spec_augment(mel, rng)
         return mel, torch.tensor(self.tokenizer.encode(row["text"]), dtype=torch.long)

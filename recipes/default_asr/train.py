@@ -132,6 +132,8 @@ def main() -> None:
     p.add_argument("--vtlp", type=float, default=0.0,
                    help="probability of vocal tract length perturbation per training utterance (a warped "
                         "filterbank, factor 0.88..1.12): new speakers from the same voices")
+    p.add_argument("--tilt", type=float, default=0.0,
+                   help="probability of a random spectral tilt (-3..+3 dB per octave) per training utterance")
     p.add_argument("--curriculum-steps", type=int, default=None,
                    help="train without augmentation this long (the first epoch also goes shortest first)")
     p.add_argument("--ctc-only-steps", type=int, default=None,
@@ -207,7 +209,7 @@ def main() -> None:
     from tqdm import tqdm
 
     dataset = data.UtteranceDataset(train_rows, tokenizer, model.frontend, train=True, seed=args.seed,
-                                    vtlp=args.vtlp)
+                                    vtlp=args.vtlp, tilt=args.tilt)
     context_rng = random.Random(args.seed * 1000 + state["step"])
     bar = tqdm(total=args.max_steps, initial=state["step"], unit="step", dynamic_ncols=True)
     t_start, audio_seconds = time.time(), 0.0
