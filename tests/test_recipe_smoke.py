@@ -57,7 +57,8 @@ def test_recipe_smoke(tmp_path):
     tuned_path = tmp_path / "tuned.nemo"
     tuned = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                             "--work", str(tmp_path / "tune"), "--init-from", str(model_path), "--vtlp", "0.5",
-                            "--tilt", "0.5", "--export", str(tuned_path)], check=True, timeout=600, capture_output=True, text=True)
+                            "--tilt", "0.5", "--export", str(tuned_path)],
+                           check=True, timeout=600, capture_output=True, text=True)
     assert f"initialised from {model_path}" in tuned.stdout
     assert (tmp_path / "tune" / "tokenizer.model").read_bytes() == loaded.tokenizer.model_proto
     tuned_weights = load_fastconformer(tuned_path).model.state_dict()
