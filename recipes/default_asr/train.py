@@ -155,7 +155,8 @@ def main() -> None:
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
-    fresh = args.init_from is None  # a model from scratch gets a CTC-only start and a clean-only curriculum
+    # a model from scratch gets a CTC-only start, a clean-only curriculum and a shortest-first first epoch
+    fresh = args.init_from is None
     if args.curriculum_steps is None:
         args.curriculum_steps = 11000 if fresh else 0
     if args.ctc_only_steps is None:
@@ -219,7 +220,7 @@ def main() -> None:
         dataset.train = not warming_up
         batches = data.duration_batches(train_rows, args.batch_seconds, args.max_batch_items,
                                         np.random.default_rng((args.seed, state["epoch"])),
-                                        shortest_first=state["epoch"] == 0)
+                                        shortest_first=state["epoch"] == 0 and fresh)
         batches = batches[state["batch_in_epoch"]:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=data.collate,
                                              num_workers=0 if args.smoke else 1,
