@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -110,14 +111,16 @@ def test_vtlp_filterbank_moves_a_formant_by_alpha():
     assert peak(warped, 2000) == peak(frontend, 2200) != peak(frontend, 2000)
 
 
-def test_vtlp_applies_to_training_items_only_and_changes_their_features(tmp_path):
+@pytest.mark.parametrize("option", ["vtlp", "tilt"])
+def test_speaker_augmentation_changes_training_items_only(tmp_path, option):
     rows = _rows(tmp_path)[:1]
     frontend = MelFrontend(MelConfig())
     base = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=1)
-    warped = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=1, vtlp=1.0)
-    assert not torch.equal(base[0][0], warped[0][0])
-    assert len(warped._warped) == 1  # a filterbank built for the factor drawn
-    evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, vtlp=1.0)
+    augmented = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=1, **{option: 1.0})
+    assert not torch.equal(base[0][0], augmented[0][0])
+    if option == "vtlp":
+        assert len(augmented._warped) == 1  # a filterbank built for the factor drawn
+    evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, **{option: 1.0})
     audio, _ = sf.read(rows[0]["audio_filepath"], dtype="float32")
     assert torch.equal(evaluation[0][0], frontend.offline(audio))
 
@@ -135,14 +138,3 @@ def test_spectral_tilt_matches_filtering_the_audio():
         assert abs(expected - 6.0 * octaves) < 1.0
         gain = float((tilted - mel)[band].mean())
         assert abs(gain - expected * np.log(10) / 10) < 1e-4  # power: 10 dB per ln(10) nats
-
-
-def test_tilt_applies_to_training_items_only(tmp_path):
-    rows = _rows(tmp_path)[:1]
-    frontend = MelFrontend(MelConfig())
-    base = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=2)
-    tilted = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=True, seed=2, tilt=1.0)
-    assert not torch.equal(base[0][0], tilted[0][0])
-    evaluation = data.UtteranceDataset(rows, LetterTokenizer(), frontend, train=False, tilt=1.0)
-    audio, _ = sf.read(rows[0]["audio_filepath"], dtype="float32")
-    assert torch.equal(evaluation[0][0], frontend.offline(audio))
