@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chorus.asr.conformer.checkpoint import load_fastconformer
+from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
+from factories import tiny_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default_asr"
 
@@ -63,6 +64,13 @@ def test_recipe_smoke(tmp_path):
     assert (tmp_path / "tune" / "tokenizer.model").read_bytes() == loaded.tokenizer.model_proto
     tuned_weights = load_fastconformer(tuned_path).model.state_dict()
     assert any(not torch.equal(tuned_weights[k], exported[k]) for k in weights)
+    # a checkpoint of another size is refused with a message that says so
+    other = tmp_path / "other_size.nemo"
+    save_fastconformer(other, tiny_model(vocab_size=loaded.tokenizer.vocab_size), loaded.tokenizer)
+    refused = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
+                              "--work", str(tmp_path / "refused"), "--init-from", str(other)],
+                             timeout=600, capture_output=True, text=True)
+    assert refused.returncode != 0 and f"--init-from {other}: not a --size tiny model" in refused.stderr
     audio = corpus / train[0]["audio_filepath"]
     cli = subprocess.run([sys.executable, "-m", "chorus.cli", "transcribe", str(audio), "--model", str(model_path),
                           "--json"], check=True, timeout=300, capture_output=True, text=True)

@@ -135,10 +135,12 @@ def main() -> None:
     p.add_argument("--tilt", type=float, default=0.0,
                    help="probability of a random spectral tilt (-3..+3 dB per octave) per training utterance")
     p.add_argument("--curriculum-steps", type=int, default=None,
-                   help="train without augmentation this long (the first epoch also goes shortest first)")
+                   help="train without augmentation this long (the first epoch also goes shortest first); "
+                        "default 11000, 0 with --init-from")
     p.add_argument("--ctc-only-steps", type=int, default=None,
                    help="CTC loss alone this long: with the hybrid loss from the start, the RNNT predictor "
-                        "learns the text's language model and the encoder stays on the blank plateau")
+                        "learns the text's language model and the encoder stays on the blank plateau; "
+                        "default 800, 0 with --init-from")
     p.add_argument("--fsdd-repeat", type=int, default=4,
                    help="present each FSDD (real speech) clip this many times per epoch, the copies augmented")
     p.add_argument("--max-duration", type=float, default=16.0, help="skip longer training utterances")
