@@ -245,9 +245,10 @@ def main() -> None:
             audio_seconds += float(mel_len.sum()) / 100.0
             speed = audio_seconds / max(1e-6, time.time() - t_start)
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", rnnt=f"{parts.get('rnnt', 0):.2f}",
+            loss_value = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_value:.3f}", rnnt=f"{parts.get('rnnt', 0):.2f}",
                             ctc=f"{parts.get('ctc', 0):.2f}", lr=f"{lr:.2e}", aud_s=f"{speed:.1f}")
-            state["log"].append({"step": state["step"], "loss": round(float(loss), 4), "lr": lr,
+            state["log"].append({"step": state["step"], "loss": round(loss_value, 4), "lr": lr,
                                  **{k: round(v, 4) for k, v in parts.items()}, "time": round(time.time(), 1)})
             done = state["step"] >= args.max_steps
             if state["step"] % args.save_every == 0 or done:
