@@ -4,21 +4,23 @@ Engines, each driven through its command-line program with ``subprocess`` (no sh
 
 - ``espeak``: espeak-ng formant voices (accents ``en``, ``en-us``, ``en-gb-x-rp``, ``en-gb-scotland``, ``en-029``,
   ``en-gb-x-gbclan``, ``en-gb-x-gbcwmd``, ``en-us-nyc``) crossed with espeak-ng voice variants (``+m1`` .. ``+f5``,
-  ``+klatt`` ...); and espeak-ng driving MBROLA diphone databases (``mb-en1``, ``mb-us1``, ``mb-us3``).
+  ``+klatt`` ...); espeak-ng driving MBROLA diphone databases (``mb-en1``, ``mb-us1``, ``mb-us3``), and reading
+  English with 16 other languages' MBROLA databases (``mb-de4-en`` ...: accented, family ``mbrola_accented``).
   Rate: ``-s`` words per minute; pitch: ``-p`` (0..99).
 - ``flite``: ``kal16``, ``kal`` (8 kHz), ``rms``, ``slt``. Rate: ``duration_stretch``; pitch:
   ``int_f0_target_mean`` (``rms`` ignores it).
-- ``festival``: ``text2wave`` with ``kal_diphone``, ``ked_diphone`` (package festvox-kdlpc16k) and
-  ``cmu_us_slt_arctic_hts``. Rate: ``Duration_Stretch`` (diphone voices) or the hts_engine ``-r`` option; pitch:
+- ``festival``: ``text2wave`` with ``kal_diphone``, ``ked_diphone`` (package festvox-kdlpc16k), ``rab_diphone``,
+  ``don_diphone``, ``cmu_us_slt_arctic_hts``, and the MBROLA databases ``en1_mbrola``, ``us1_mbrola``, ``us3_mbrola``
+  (family ``mbrola``). Rate: ``Duration_Stretch`` (diphone voices) or the hts_engine ``-r`` option; pitch:
   ``int_lr_params`` target F0 (diphone voices; the HTS voice has no pitch control here).
 
 Every synthesis returns mono float32 audio at 16 kHz (resampled with soxr), with the engine's leading and trailing
 silence cut to at most :data:`EDGE_SILENCE_S` and the peak set to :data:`PEAK`.
 
 HELD-OUT VOICES: :data:`HELD_OUT` below is the one place that says which voices never appear in training or
-development data: espeak-ng ``mb-us2`` (MBROLA us2, the primary test voice) and flite ``awb`` (secondary). They
-are unseen speakers for the test sets; :func:`training_voices` can never return them, and :func:`test_voices` only
-returns them.
+development data: espeak-ng ``mb-us2`` (MBROLA us2, the primary test voice) and flite ``awb`` (secondary), and
+:data:`HELD_OUT_ALIASES` the same speakers through other front ends (festival ``us2_mbrola``). They are unseen
+speakers for the test sets; :func:`training_voices` can never return them, and :func:`test_voices` only returns them.
 
 Run ``python recipes/default_asr/voices.py`` to check every voice and print the catalogue.
 """
@@ -50,8 +52,15 @@ HELD_OUT: dict[str, tuple[str, str]] = {
 }
 
 
+# Other front ends reading a held-out speaker's recordings are that speaker too: festival's us2_mbrola
+# speaks with the MBROLA us2 diphones, festival's cmu_us_awb_cg with the awb ARCTIC voice.
+HELD_OUT_ALIASES: set[tuple[str, str]] = {("festival", "us2_mbrola"), ("festival", "cmu_us_awb_cg")}
+
+
 def is_held_out(engine: str, model: str) -> bool:
-    """True when a voice of this engine and model is a held-out test voice."""
+    """True when a voice of this engine and model is a held-out test voice (or the same speaker)."""
+    if (engine, model) in HELD_OUT_ALIASES:
+        return True
     for eng, mod in HELD_OUT.values():
         if engine == eng and (model == mod or model.startswith(mod + "+") or model.startswith(mod + "_")):
             return True
@@ -188,9 +197,17 @@ ESPEAK_VARIANTS = ["", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2
                    "grandpa", "grandma", "adam", "benjamin", "caleb", "belinda", "aunty", "iven", "rob", "norbert",
                    "quincy"]
 MBROLA_VOICES = ["mb-en1", "mb-us1", "mb-us2", "mb-us3"]
+# festival's front end driving the English MBROLA databases (festvox-en1, -us1, -us3): the same speakers as
+# espeak-ng's mb-en1/us1/us3 with another phonetiser and prosody; (model, mean F0 of the voice in Hz)
+FESTIVAL_MBROLA_VOICES = [("en1_mbrola", 105.0), ("us1_mbrola", 180.0), ("us3_mbrola", 107.0)]
+# espeak-ng reading English through other languages' MBROLA databases (mbrola-af1, -de1 ...): foreign-accented,
+# but 16 more speakers of the diphone-concatenation kind that the held-out mb-us2 is
+MBROLA_ACCENTED_VOICES = ["mb-af1-en", "mb-de1-en", "mb-de2-en", "mb-de3-en", "mb-de4-en", "mb-de5-en",
+                          "mb-de6-en", "mb-fr1-en", "mb-fr4-en", "mb-gr2-en", "mb-hu1-en", "mb-nl2-en", "mb-pl1-en",
+                          "mb-ro1-en", "mb-sw1-en", "mb-sw2-en"]
 
 # share of the training utterances per family (split evenly over the family's voices that work)
-FAMILY_WEIGHTS = {"espeak": 0.35, "mbrola": 0.25, "flite": 0.22, "festival": 0.18}
+FAMILY_WEIGHTS = {"espeak": 0.28, "mbrola": 0.25, "mbrola_accented": 0.10, "flite": 0.20, "festival": 0.17}
 
 
 def all_voices() -> list[Voice]:
@@ -202,6 +219,11 @@ def all_voices() -> list[Voice]:
             voices.append(Voice(f"espeak:{model}", "espeak", model, "espeak"))
     for mb in MBROLA_VOICES:
         voices.append(Voice(f"espeak:{mb}", "espeak", mb, "mbrola"))
+    for model, f0 in FESTIVAL_MBROLA_VOICES:
+        voices.append(Voice(f"festival:{model}", "festival", model, "mbrola", base_f0=f0,
+                            extra={"base_stretch": 1.0, "f0_std": 14}))
+    for mb in MBROLA_ACCENTED_VOICES:
+        voices.append(Voice(f"espeak:{mb}", "espeak", mb, "mbrola_accented"))
     voices += [
         Voice("flite:kal16", "flite", "kal16", "flite", base_f0=95.0),
         Voice("flite:kal", "flite", "kal", "flite", base_f0=95.0),
@@ -300,7 +322,7 @@ def main() -> None:
     for v in voices:
         status = "FAILED " + failed[v.name] if v.name in failed else "ok"
         tag = " [HELD OUT]" if v.held_out else ""
-        print(f"{v.name:<40}{v.family:<10}{status}{tag}")
+        print(f"{v.name:<40}{v.family:<16}{status}{tag}")
     print(f"{len(ok)}/{len(voices)} voices work; training voices: {len(training_voices(ok))}; "
           f"test voices: {sorted(test_voices(ok))}")
     sys.exit(0 if ok else 1)
