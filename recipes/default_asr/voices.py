@@ -111,7 +111,7 @@ class Voice:
     name: str  # unique, e.g. "espeak:en-us+m3", "flite:slt", "festival:kal_diphone"
     engine: str  # "espeak" | "flite" | "festival"
     model: str  # engine voice id, e.g. "en-us+m3", "slt", "kal_diphone"
-    family: str  # sampling family: "espeak", "mbrola", "flite", "festival"
+    family: str  # sampling family: "espeak", "mbrola", "mbrola_accented", "flite", "festival"
     base_f0: float = 0.0  # flite / festival diphone: the F0 (Hz) that pitch=1 asks for
     pitch_control: bool = True
     extra: dict = field(default_factory=dict, compare=False, hash=False)
