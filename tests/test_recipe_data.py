@@ -1,4 +1,4 @@
-"""The default-model recipe's data loader: SpecAugment masks, and repeated real-speech copies."""
+"""The default-model recipe's data loader: batching, SpecAugment masks, and repeated real-speech copies."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -138,3 +138,45 @@ def test_spectral_tilt_matches_filtering_the_audio():
         assert abs(expected - 6.0 * octaves) < 1.0
         gain = float((tilted - mel)[band].mean())
         assert abs(gain - expected * np.log(10) / 10) < 1e-4  # power: 10 dB per ln(10) nats
+
+
+def _batching_rows(n_sentences=400, n_digits=300, seed=1):
+    rng = np.random.default_rng(seed)
+    rows = [{"duration": float(d), "source": "fortunes"} for d in rng.uniform(0.8, 12.0, n_sentences)]
+    rows += [{"duration": float(d), "source": rng.choice(["digits", "fsdd"])} for d in rng.uniform(0.3, 0.9, n_digits)]
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.mark.parametrize("shortest_first", [False, True])
+def test_duration_batches_cover_every_row_once_within_the_limits(shortest_first):
+    rows = _batching_rows()
+    batches = data.duration_batches(rows, 40.0, 16, np.random.default_rng(0), shortest_first=shortest_first)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    for b in batches:
+        assert len(b) <= 16
+        assert len(b) == 1 or max(rows[i]["duration"] for i in b) * len(b) <= 40.0
+
+
+def test_shortest_first_orders_sentences_and_spreads_the_isolated_words():
+    """Sorted by duration alone, the digit clips would fill the start of the epoch; here the sentence
+    batches rise in length and the digit batches lie scattered among them."""
+    rows = _batching_rows()
+    batches = data.duration_batches(rows, 40.0, 16, np.random.default_rng(0), jitter=0.0, shortest_first=True)
+    isolated = [all(rows[i]["source"] in ("digits", "fsdd") for i in b) for b in batches]
+    mixed = [b for b, iso in zip(batches, isolated) if not iso and any(rows[i]["source"] != "fortunes" for i in b)]
+    assert not mixed  # a batch is all sentences or all isolated words
+    sentence_longest = [max(rows[i]["duration"] for i in b) for b, iso in zip(batches, isolated) if not iso]
+    assert sentence_longest == sorted(sentence_longest)
+    positions = np.flatnonzero(isolated) / len(batches)
+    assert len(positions) >= 10
+    assert positions.min() < 0.25 and positions.max() > 0.75  # spread over the epoch, not bunched up front
+    assert not all(isolated[:len(positions)])
+
+
+def test_shortest_first_batches_are_the_same_for_the_same_seed():
+    """A resumed run skips the batches it has done, so the epoch's order must be reproducible."""
+    rows = _batching_rows()
+    first, again = (data.duration_batches(rows, 40.0, 16, np.random.default_rng((0, 0)), shortest_first=True)
+                    for _ in range(2))
+    assert first == again
