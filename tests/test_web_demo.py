@@ -4,11 +4,11 @@ Chromium's fake microphone plays a WAV file; the page captures it with getUserMe
 sends 16-bit PCM over the WebSocket to an in-process server, and shows the results.  The test drives the
 browser over the Chrome DevTools Protocol with the `websockets` client (no Selenium or Playwright).
 
-With the bundled default model and sample (chorus/models/default_asr.nemo, chorus/samples/held_out_voice.*)
-the page must show most words of the sample's transcript, once the model recognises the sample file itself
-(until then the test warns with both texts); without them a tiny random model checks the
-whole path (microphone -> worklet -> WebSocket -> server -> page) by the text it produces and the server's
-metrics.  Skipped when there is no Chromium (Debian: apt-get install chromium).
+The test records the audio the server received and checks the whole path: the clip the microphone played
+arrived whole (microphone -> worklet -> WebSocket), and the page shows exactly the text the same model makes of
+that audio offline (server -> page).  The clip is the bundled sample with the bundled default model
+(chorus/models/default_asr.nemo, chorus/samples/held_out_voice.*; the test warns when the model mis-hears it,
+which is issue #4's to measure), else noise with a tiny random model.  Skipped when there is no Chromium (Debian: apt-get install chromium).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from chorus.asr.textnorm import normalize_text
 from chorus.asr.transcribe import default_model_path, make_search, transcribe_files
 from chorus.codecs import read_audio, resample
 from chorus.server.app import ServerConfig
+from chorus.server.asr_session import AsrSession
 from chorus.server.registry import ModelRegistry
 from factories import tiny_model, train_tokenizer
 from test_server import ServerThread
@@ -192,30 +194,41 @@ class Page:
 
 
 # -------------------------------------------------------------------------------------- fixtures
+class MicSetup(NamedTuple):
+    model: Path
+    wav: Path                # what the fake microphone plays, in a loop
+    clip: np.ndarray         # the sound in it (the sample, or noise), at `rate`
+    rate: int
+    reference: str | None    # the clip's transcript (the bundled sample) or None (noise)
+    send_seconds: float      # audio the page must have sent before Stop: the clip and an endpoint after it
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(model path, fake-microphone WAV, expected transcript or None, seconds of audio the page must send)."""
+def setup(tmp_path_factory) -> MicSetup:
     tmp = tmp_path_factory.mktemp("web")
     wav = tmp / "mic.wav"
     if use_default_model():
-        audio, rate = read_audio(SAMPLE_AUDIO)
+        clip, rate = read_audio(SAMPLE_AUDIO)
         if rate not in (16000, 48000):
-            audio, rate = resample(audio, rate, 16000), 16000
-        # some quiet before, and after so that the utterance ends; the fake microphone loops the file
-        wav_audio = np.concatenate([np.zeros(rate // 2, np.float32), audio, np.zeros(3 * rate // 2, np.float32)])
-        sf.write(wav, wav_audio, rate, subtype="PCM_16")
-        return default_model_path(), wav, SAMPLE_TEXT.read_text(), len(wav_audio) / rate
-    path = tmp / "tiny.nemo"
-    save_fastconformer(path, tiny_model(seed=11), train_tokenizer())
-    rng = np.random.default_rng(7)  # noise: the tiny random model "hears" words in it
-    sf.write(wav, (rng.standard_normal(3 * 16000) * 0.15).clip(-1, 1), 16000, subtype="PCM_16")
-    return path, wav, None, 1.5
+            clip, rate = resample(clip, rate, 16000), 16000
+        model, reference = default_model_path(), SAMPLE_TEXT.read_text()
+    else:
+        model, reference, rate = tmp / "tiny.nemo", None, 16000
+        save_fastconformer(model, tiny_model(seed=11), train_tokenizer())
+        rng = np.random.default_rng(7)  # noise: the tiny random model "hears" words in it
+        clip = (rng.standard_normal(rate * 3 // 2) * 0.15).clip(-1, 1).astype(np.float32)
+    # Quiet before the clip, and a long quiet after it: the page stops well before the loop comes round again,
+    # so what the server received holds the clip once.
+    lead, tail = 0.5, 6.0
+    sf.write(wav, np.concatenate([np.zeros(int(lead * rate), np.float32), clip,
+                                  np.zeros(int(tail * rate), np.float32)]), rate, subtype="PCM_16")
+    return MicSetup(model, wav, clip, rate, reference, lead + len(clip) / rate + 1.5)
 
 
 @pytest.fixture(scope="module")
 def server(setup):
     registry = ModelRegistry()
-    loaded = load_fastconformer(setup[0])
+    loaded = load_fastconformer(setup.model)
     registry.add("default", loaded, slots=4, search=make_search(loaded))  # the decoding `chorus serve` uses
     srv = ServerThread(registry, ServerConfig(port=0, auth_tokens=(TOKEN,), batch_wait_ms=5))
     yield srv
@@ -224,17 +237,20 @@ def server(setup):
 
 @pytest.fixture(scope="module")
 def browser(setup, tmp_path_factory):
-    b = Browser(setup[1], tmp_path_factory.mktemp("chromium") / "profile")
+    b = Browser(setup.wav, tmp_path_factory.mktemp("chromium") / "profile")
     yield b
     b.close()
 
 
 # ------------------------------------------------------------------------------------------ tests
-def test_page_transcribes_the_microphone(server, browser, setup, tmp_path):
-    _, _, reference, send_seconds = setup
+def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monkeypatch):
     scheduler = server.server.scheduler
     audio_before = scheduler.audio_seconds.value("default")
     streams_before = server.server.streams_total.value("default")
+    frames: list[bytes] = []  # the audio as the server received it
+    receive = AsrSession.push_audio
+    monkeypatch.setattr(AsrSession, "push_audio", lambda session, frame: (frames.append(bytes(frame)),
+                                                                           receive(session, frame))[-1])
 
     page = browser.open(f"{server.http}/?autostart=1&token={TOKEN}")
     try:
@@ -242,13 +258,14 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path):
         ready = state["ready"]
         assert ready["protocol"] == "chorus.asr.v1" and ready["encoding"] == "pcm_s16le"
         assert ready["sample_rate"] == state["sampleRate"] >= 8000  # the AudioContext's own rate
-        # recognised text on the page, and at least the speech of the WAV sent
+        # recognised text on the page, and at least the clip (and the quiet to end it) sent
         page.wait_for("recognised text", lambda s: (s["finals"].strip() or s["partial"].strip())
-                      and s["bytesSent"] / 2 / s["sampleRate"] >= send_seconds, timeout=60 + 3 * send_seconds)
+                      and s["bytesSent"] / 2 / s["sampleRate"] >= setup.send_seconds,
+                      timeout=60 + 3 * setup.send_seconds)
         page.screenshot(Path(os.environ.get("CHORUS_SCREENSHOTS", tmp_path)) / "web_demo_listening.png")
         page.js("document.querySelector('#stop').click()")
         state = page.wait_for("the stream to stop", lambda s: s["state"] in ("stopped", "error"),
-                              timeout=60 + send_seconds)
+                              timeout=60 + setup.send_seconds)
         assert state["state"] == "stopped" and state["closeCode"] == 1000, state
         assert state["error"] is None and "stopped" in state["status"]
         assert state["partial"] == ""  # the stop final replaced the partial
@@ -262,32 +279,43 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path):
     assert state["partials"] > 0  # interim results were shown on the way
     assert state["finals"].count("\n") + 1 == len(state["finalTexts"])  # one line per utterance, with times
     assert all("–" in line for line in state["finals"].splitlines())
-    assert scheduler.audio_seconds.value("default") - audio_before >= send_seconds * 0.9
+    assert scheduler.audio_seconds.value("default") - audio_before >= setup.send_seconds * 0.9
     assert server.server.streams_total.value("default") == streams_before + 1
-    if reference is not None:
-        # The words can only be checked with a model that recognises the sample as the page sends it (at
-        # its AudioContext's rate, resampled back by the server): the bundled one does not yet reliably
-        # (issue #4, README "The default model"); until it does, this says so instead.
-        entry = server.server.registry.get("default")
-        engine = ConformerStreamer(entry.loaded.model, slots=1)
-        audio, rate = read_audio(SAMPLE_AUDIO)
-        page_rate = ready["sample_rate"]
-        round_trip = tmp_path / "sample_at_page_rate.wav"
-        sf.write(round_trip, resample(audio, rate, page_rate) if page_rate != rate else audio, page_rate)
-        offline = next(iter(transcribe_files(entry.loaded, engine, [str(round_trip)], lookahead_ms=None,
-                                             decoder=None, search=entry.search)))
-        if word_recall(reference, offline.text) < 0.9:
-            warnings.warn(f"word check skipped: the bundled model transcribes the sample at {page_rate} Hz as "
-                          f"{offline.text!r}; the page showed {text!r}")
-        else:
-            recall = word_recall(reference, text)
-            assert recall >= 0.6, f"only {recall:.0%} of the words heard: {text!r} vs {reference!r}"
+
+    # The microphone -> worklet -> WebSocket path delivered the clip whole (no gaps, no rate slip),
+    received = np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768
+    assert len(received) == state["bytesSent"] // 2
+    similarity = clip_similarity(resample(received, state["sampleRate"], setup.rate), setup.clip)
+    assert similarity >= 0.95, f"the clip arrived altered: normalised correlation {similarity:.3f}"
+    # and the page shows exactly what the model makes of that audio offline (the server's streaming law).
+    sent = tmp_path / "received.wav"
+    sf.write(sent, received, state["sampleRate"], subtype="PCM_16")
+    entry = server.server.registry.get("default")
+    offline = next(iter(transcribe_files(entry.loaded, ConformerStreamer(entry.loaded.model, slots=1), [str(sent)],
+                                         lookahead_ms=ready["lookahead_ms"], decoder=ready["decoder"],
+                                         search=entry.search)))
+    assert normalize_text(text).split() == normalize_text(offline.text).split(), (text, offline.text)
+    if setup.reference is not None and word_recall(setup.reference, text) < 0.9:
+        # How well the bundled model hears the sample is issue #4's measure (chorus eval), not the page's.
+        warnings.warn(f"the bundled model heard the sample as the page sent it ({state['sampleRate']} Hz, after "
+                      f"{len(received) / state['sampleRate']:.1f} s of audio) as {text!r}")
 
 
 def word_recall(reference: str, text: str) -> float:
     ref = normalize_text(reference).split()
     heard = set(normalize_text(text).split())
     return sum(w in heard for w in ref) / len(ref)
+
+
+def clip_similarity(received: np.ndarray, clip: np.ndarray) -> float:
+    """Normalised cross-correlation of `clip` with the best-matching stretch of `received` (1.0: identical)."""
+    assert len(received) >= len(clip), f"only {len(received)} samples received, the clip has {len(clip)}"
+    received, clip = received.astype(np.float64), clip.astype(np.float64)
+    size = 1 << (len(received) + len(clip)).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(received, size) * np.conj(np.fft.rfft(clip, size)), size)
+    corr = corr[:len(received) - len(clip) + 1]
+    lag = int(np.argmax(corr))
+    return float(corr[lag] / (np.linalg.norm(received[lag:lag + len(clip)]) * np.linalg.norm(clip) + 1e-12))
 
 
 def test_closing_the_page_returns_the_slot(server, browser):
