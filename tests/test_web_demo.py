@@ -8,7 +8,8 @@ The test records the audio the server received and checks the whole path: the cl
 arrived whole (microphone -> worklet -> WebSocket), and the page shows exactly the text the same model makes of
 that audio offline (server -> page).  The clip is the bundled sample with the bundled default model
 (chorus/models/default_asr.nemo, chorus/samples/held_out_voice.*; the test warns when the model mis-hears it,
-which is issue #4's to measure), else noise with a tiny random model.  Skipped when there is no Chromium (Debian: apt-get install chromium).
+which is issue #4's to measure), else noise with a tiny random model.  Skipped when there is no Chromium
+(Debian: apt-get install chromium).
 """
 from __future__ import annotations
 
@@ -249,8 +250,12 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monke
     streams_before = server.server.streams_total.value("default")
     frames: list[bytes] = []  # the audio as the server received it
     receive = AsrSession.push_audio
-    monkeypatch.setattr(AsrSession, "push_audio", lambda session, frame: (frames.append(bytes(frame)),
-                                                                           receive(session, frame))[-1])
+
+    def record_and_receive(session: AsrSession, frame: bytes) -> None:
+        frames.append(bytes(frame))
+        receive(session, frame)
+
+    monkeypatch.setattr(AsrSession, "push_audio", record_and_receive)
 
     page = browser.open(f"{server.http}/?autostart=1&token={TOKEN}")
     try:
