@@ -36,6 +36,23 @@ def test_round_trip_uses_every_weight(tmp_path, tokenizer):
     assert loaded.tokenizer.decode(tokenizer.encode("ask not what")) == "ask not what"
 
 
+def test_half_precision_weights_load_into_an_fp32_model(tmp_path, tokenizer):
+    model = tiny_model(seed=3)
+    full, half = tmp_path / "full.nemo", tmp_path / "half.nemo"
+    save_fastconformer(full, model, tokenizer)
+    save_fastconformer(half, model, tokenizer, weights_dtype=torch.float16)
+    stored = read_nemo(half).state_dict
+    assert stored["joint.joint_net.2.weight"].dtype == torch.float16
+    with tarfile.open(full) as a, tarfile.open(half) as b:
+        full_bytes, half_bytes = (t.getmember("./model_weights.ckpt").size for t in (a, b))
+    assert half_bytes < 0.6 * full_bytes
+    loaded = load_fastconformer(half).model.state_dict()
+    for k, v in model.state_dict().items():
+        assert loaded[k].dtype == v.dtype, k  # runs in fp32 (the laws are tested in fp32)
+        expected = v.half().to(v.dtype) if v.is_floating_point() else v
+        assert torch.equal(loaded[k], expected), k
+
+
 def test_archive_layout_matches_nemo(tmp_path, tokenizer):
     path = tmp_path / "tiny.nemo"
     save_fastconformer(path, tiny_model(), tokenizer)

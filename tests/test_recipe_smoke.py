@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
+from chorus.asr.nemo_archive import read_nemo
 from factories import tiny_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default_asr"
@@ -54,14 +55,16 @@ def test_recipe_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                           "--work", str(work)], check=True, timeout=600, capture_output=True, text=True)
     assert "resumed at step 4" in out.stdout
-    # fine-tune: the exported model's weights and tokenizer, with VTLP and spectral tilt, into a new work directory
+    # fine-tune: the exported model's weights and tokenizer, with VTLP and spectral tilt, into a new work
+    # directory; exported with half-precision weights
     tuned_path = tmp_path / "tuned.nemo"
     tuned = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                             "--work", str(tmp_path / "tune"), "--init-from", str(model_path), "--vtlp", "0.5",
-                            "--tilt", "0.5", "--export", str(tuned_path)],
+                            "--tilt", "0.5", "--export", str(tuned_path), "--export-dtype", "float16"],
                            check=True, timeout=600, capture_output=True, text=True)
     assert f"initialised from {model_path}" in tuned.stdout
     assert (tmp_path / "tune" / "tokenizer.model").read_bytes() == loaded.tokenizer.model_proto
+    assert read_nemo(tuned_path).state_dict["joint.joint_net.2.weight"].dtype == torch.float16
     tuned_weights = load_fastconformer(tuned_path).model.state_dict()
     assert any(not torch.equal(tuned_weights[k], exported[k]) for k in weights)
     # a checkpoint of another size is refused with a message that says so

@@ -155,6 +155,8 @@ def main() -> None:
     p.add_argument("--average", type=int, default=4,
                    help="export the mean weights of the last K snapshots (--snapshot-every), not the last step")
     p.add_argument("--export", type=Path, default=None, help="write the final model here as .nemo")
+    p.add_argument("--export-dtype", choices=("float32", "float16"), default="float32",
+                   help="how the export stores its weights: float16 halves the file (loaders cast back to fp32)")
     p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model (CI)")
     args = p.parse_args()
     # a model from scratch gets a CTC-only start, a clean-only curriculum and a shortest-first first epoch
@@ -277,7 +279,7 @@ def main() -> None:
         if args.average > 1:
             model.load_state_dict(average_snapshots(args.work, args.max_steps, args.average))
         args.export.parent.mkdir(parents=True, exist_ok=True)
-        save_fastconformer(args.export, model.eval(), tokenizer)
+        save_fastconformer(args.export, model.eval(), tokenizer, weights_dtype=getattr(torch, args.export_dtype))
         print(f"exported {args.export} ({args.export.stat().st_size / 2**20:.1f} MiB)", flush=True)
 
 

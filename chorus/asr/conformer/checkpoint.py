@@ -127,8 +127,13 @@ def nemo_config(spec: ModelSpec) -> dict:
 
 
 def save_fastconformer(path: str | os.PathLike, model: FastConformerModel, tokenizer: SentencePieceTokenizer,
-                       extra_config: dict | None = None, gzip: bool = False) -> None:
-    """Write `model` as a .nemo that NeMo (and chorus) can restore."""
+                       extra_config: dict | None = None, gzip: bool = False,
+                       weights_dtype: torch.dtype = torch.float32) -> None:
+    """Write `model` as a .nemo that NeMo (and chorus) can restore.
+
+    `weights_dtype=torch.float16` stores the floating weights at half the size; both loaders
+    copy them into a float32 model (load_state_dict casts), so the model still runs in fp32.
+    """
     cfg = nemo_config(model.spec)
     vocab = [tokenizer.piece(i) for i in range(tokenizer.vocab_size)]
     for section in ("joint", "aux_ctc"):
@@ -138,7 +143,7 @@ def save_fastconformer(path: str | os.PathLike, model: FastConformerModel, token
     if spec_ctc_only := (model.spec.ctc and not model.spec.rnnt):
         cfg["decoder"]["vocabulary"] = vocab
     cfg.update(extra_config or {})
-    state = model.state_dict()
+    state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     if spec_ctc_only:
         state = {k.removeprefix("ctc_"): v for k, v in state.items()}
     artifacts = {
