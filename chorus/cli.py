@@ -33,8 +33,14 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .asr.conformer.streaming import ConformerStreamer
-    from .asr.transcribe import load_model, transcribe_files
+    from .asr.transcribe import check_input_file, load_model, transcribe_files
 
+    # missing or unreadable paths fail at once, before the model and LM are loaded (seconds)
+    problems = [p for p in map(check_input_file, args.files) if p]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     loaded = load_model(args.model, args.device)
     engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
     if args.lookahead_ms is not None:

@@ -89,6 +89,24 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def check_input_file(path: str | os.PathLike) -> str | None:
+    """None when `path` is a readable file, else what is wrong, as "PATH does not exist" and the like.
+
+    Only the path is checked (cheap, before any model is loaded); a file that is there but is not audio
+    gets its error from `transcribe_files`, as that file's result."""
+    p = Path(path)
+    if not p.exists():
+        return f"{path} does not exist"
+    if not p.is_file():
+        return f"{path} is not a file" + (" (a directory)" if p.is_dir() else "")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return None
+
+
 @dataclass
 class FileResult:
     file: str
