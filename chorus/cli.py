@@ -81,14 +81,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .asr.evaluate import read_manifest, score_manifest
     from .asr.transcribe import load_model
 
+    try:
+        lookaheads = [None] if args.lookahead_ms is None else [int(x) for x in args.lookahead_ms.split(",")]
+    except ValueError:
+        print(f"error: --lookahead-ms takes milliseconds separated by commas, e.g. 0,480 (got {args.lookahead_ms!r})",
+              file=sys.stderr)
+        return 2
+    # every manifest line is checked (JSON, fields, audio file there) before the model is loaded
+    sizes = {manifest: len(read_manifest(manifest, args.limit)) for manifest in args.manifests}
     loaded = load_model(args.model, args.device)
     engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
-    lookaheads = [None] if args.lookahead_ms is None else [int(x) for x in args.lookahead_ms.split(",")]
     decoders = [args.decoder] if args.decoder else list(loaded.model.decoders)
     search = _search(args, loaded)
     scores = []
     for manifest in args.manifests:
-        n = len(read_manifest(manifest, args.limit))
+        n = sizes[manifest]
         for lookahead in lookaheads:
             for decoder in decoders:
                 with tqdm(total=n, unit="utt", desc=f"{manifest} {lookahead}ms {decoder}", file=sys.stderr,

@@ -5,7 +5,10 @@ import sys
 
 import jiwer
 import numpy as np
+import pytest
 import soundfile as sf
+
+from chorus import cli
 
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
@@ -107,3 +110,57 @@ def test_the_same_file_twice_gives_two_results(tmp_path):
     assert [r.file for r in results] == files
     assert results[1].error and not results[0].error
     assert results[0].text == results[2].text == results[3].text and results[0].tokens
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model is an error: whatever reaches it was not refused before the model was loaded."""
+    from chorus.asr import transcribe
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(transcribe, "load_model", refuse)
+    monkeypatch.setattr(transcribe, "load_fastconformer", refuse)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"audio_filepath": "clips/gone.wav", "text": "hello"}',
+     "line 2: audio file {folder}/clips/gone.wav does not exist (relative paths are read from the manifest's folder)"),
+    ('{"audio_filepath": "{folder}/gone.wav", "text": "hello"}', "line 2: audio file {folder}/gone.wav does not exist"),
+    ('{"audio_filepath": "clips", "text": "hello"}', "line 2: audio file {folder}/clips is not a file (a directory)"),
+    ('{"audio_filepath": "clips/ok.wav", "text": "hello"', "line 2: not a JSON object"),
+    ('["clips/ok.wav", "hello"]', "line 2: not a JSON object"),
+    ('{"text": "hello"}', "line 2: has no 'audio_filepath'"),
+    ('{"audio_filepath": "clips/ok.wav"}', "line 2: has no 'text'"),
+    ('{"audio_filepath": "clips/ok.wav", "text": 7}', "line 2: has a non-string 'text'"),
+])
+def test_a_bad_manifest_line_is_one_error_line_before_the_model_loads(tmp_path, no_model, capsys, line, message):
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "ok.wav", np.zeros(1600, np.float32), 16000)
+    manifest = tmp_path / "test.json"
+    manifest.write_text('{"audio_filepath": "clips/ok.wav", "text": "hello"}\n'
+                        + line.replace("{folder}", str(tmp_path)) + "\n\n")
+    assert cli.main(["eval", str(manifest)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {manifest} " + message.replace("{folder}", str(tmp_path))), err
+
+
+def test_a_missing_manifest_is_one_error_line(tmp_path, no_model, capsys):
+    assert cli.main(["eval", str(tmp_path / "nope.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: manifest {tmp_path / 'nope.json'} does not exist"]
+
+
+def test_an_undecodable_audio_file_names_the_manifest_line(tmp_path):
+    """A file that is there but is not audio is found when it is read: still one line with the manifest's line."""
+    model_path = tmp_path / "tiny.nemo"
+    save_fastconformer(model_path, tiny_model(seed=5), train_tokenizer(32))
+    sf.write(tmp_path / "ok.wav", np.zeros(8000, np.float32), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    manifest = tmp_path / "test.json"
+    manifest.write_text('{"audio_filepath": "ok.wav", "text": "a"}\n{"audio_filepath": "bad.wav", "text": "b"}\n')
+    out = subprocess.run([sys.executable, "-m", "chorus.cli", "eval", str(manifest), "--model", str(model_path),
+                          "--lookahead-ms", "480", "--decoder", "ctc"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {manifest} line 2: audio file {tmp_path / 'bad.wav'}: ")

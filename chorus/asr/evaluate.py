@@ -3,6 +3,10 @@
 A manifest is NeMo's JSON-lines format: one `{"audio_filepath": ..., "text": ...}` per line,
 relative paths resolved against the manifest's folder.  Hypotheses and references go through
 the same `normalize_text` that prepared the training transcripts.
+
+`read_manifest` checks every line it returns (JSON object, `audio_filepath` and `text` strings, the
+audio file there and readable) and raises `ManifestError` naming the manifest, the line and the file,
+so `chorus eval` can refuse a bad manifest before it loads a model.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from .conformer.beam import RnntBeamSearch
 from .conformer.checkpoint import LoadedModel
 from .conformer.streaming import ConformerStreamer
 from .textnorm import normalize_text
-from .transcribe import transcribe_files
+from .transcribe import check_input_file, transcribe_files
 
 
 @dataclass
@@ -36,20 +40,49 @@ class Score:
                 "audio_seconds": round(self.audio_seconds, 1), "worst": self.errors}
 
 
-def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
+class ManifestError(ValueError):
+    """A manifest that cannot be scored: one line naming the manifest, the line number and the file."""
+
+
+def _manifest_rows(path: str | Path, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-empty line, checked; audio paths resolved against the manifest's folder."""
     path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest {path} does not exist")
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} is not a file")
     rows = []
-    with open(path) as f:
-        for line in f:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{where}: not a JSON object ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{where}: not a JSON object")
+            for key in ("audio_filepath", "text"):
+                if not isinstance(row.get(key), str):
+                    what = "has no" if key not in row else "has a non-string"
+                    raise ManifestError(f"{where}: {what} {key!r} "
+                                        '(each line is {"audio_filepath": ..., "text": ...})')
             audio = Path(row["audio_filepath"])
             row["audio_filepath"] = str(audio if audio.is_absolute() else path.parent / audio)
-            rows.append(row)
+            problem = check_input_file(row["audio_filepath"])
+            if problem:
+                relative = "" if audio.is_absolute() else " (relative paths are read from the manifest's folder)"
+                raise ManifestError(f"{where}: audio file {problem}{relative}")
+            rows.append((number, row))
             if limit and len(rows) >= limit:
                 break
     return rows
+
+
+def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The rows of a JSON-lines manifest (the first `limit`), checked; raises ManifestError on a bad line."""
+    return [row for _, row in _manifest_rows(path, limit)]
 
 
 def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str | Path, *,
@@ -57,17 +90,18 @@ def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str
                    concurrency: int = 16, progress=None, search: RnntBeamSearch | None = None) -> Score:
     import jiwer
 
-    rows = read_manifest(manifest, limit)
+    numbered = _manifest_rows(manifest, limit)
+    rows = [row for _, row in numbered]
     refs, hyps, worst, seconds = [], [], [], 0.0
     setting = engine.setting_for_lookahead(lookahead_ms)
     decoder = decoder or loaded.model.default_decoder
     label = decoder
-    for row, result in zip(rows, transcribe_files(loaded, engine, [r["audio_filepath"] for r in rows],
+    for (number, row), result in zip(numbered, transcribe_files(loaded, engine, [r["audio_filepath"] for r in rows],
                                                   lookahead_ms=setting.lookahead_ms, decoder=decoder,
                                                   concurrency=concurrency, search=search)):
         label = result.decoder
         if result.error:
-            raise RuntimeError(f"{row['audio_filepath']}: {result.error}")
+            raise ManifestError(f"{manifest} line {number}: audio file {row['audio_filepath']}: {result.error}")
         ref, hyp = normalize_text(row["text"]), normalize_text(result.text)
         refs.append(ref)
         hyps.append(hyp)
