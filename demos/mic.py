@@ -8,7 +8,8 @@
     python demos/mic.py --list-devices
 
 The utterance in progress is shown in place on one terminal line (when stdout is a terminal); each
-finished utterance is printed on its own line as "[start - end] text" (seconds since the first sample).
+finished utterance is printed on its own line as "[start - end] text" (seconds since the first sample),
+or "[start - end] (no speech)" when its final is empty (the last one, at Ctrl+C or the end of a file, often is).
 Connection details and errors go to stderr.  Ctrl+C stops: the server sends the last result, then closes.
 Exit status: 0 after a normal end, 1 when the server reports an error or the connection fails, 2 for
 problems on this side (no such file, no audio library).
@@ -32,6 +33,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus
 
 EXIT_OK, EXIT_SERVER, EXIT_LOCAL = 0, 1, 2
+NO_SPEECH = "(no speech)"  # shown for a final with empty text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,10 +92,9 @@ class Display:
 
     def final(self, msg: dict) -> None:
         self._clear()
-        text = msg.get("text") or ""
-        if text:  # finalize/stop finals may be empty
-            self.out.write(f"[{_fmt_time(msg.get('start'))} - {_fmt_time(msg.get('end'))}] {text}\n")
-            self.out.flush()
+        text = msg.get("text") or NO_SPEECH  # finalize/stop finals may be empty: say so, not nothing
+        self.out.write(f"[{_fmt_time(msg.get('start'))} - {_fmt_time(msg.get('end'))}] {text}\n")
+        self.out.flush()
 
     def info(self, line: str) -> None:
         self._clear()

@@ -167,3 +167,28 @@ def test_mic_streams_the_microphone_until_ctrl_c(server, clip, tmp_path):
     assert lines and all(FINAL_LINE.match(line) for line in lines), out
     assert 1.2 < float(FINAL_LINE.match(lines[-1]).group(2)) < 4.0  # about the 1.5 s it listened
     server.wait_idle()
+
+
+def load_mic_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chorus_mic_demo", MIC)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_empty_final_is_printed_visibly():
+    """A `finalize`/`stop` final may have empty text: it is printed as "(no speech)", so the output does not
+    look cut short, and keeps the "[start - end] text" form."""
+    import io
+
+    mic = load_mic_module()
+    out, err = io.StringIO(), io.StringIO()
+    display = mic.Display(out, err)
+    display.final({"type": "final", "utterance": 0, "text": "seven", "start": 0.0, "end": 1.6, "reason": "endpoint"})
+    display.final({"type": "final", "utterance": 1, "text": "", "start": 1.6, "end": 1.9, "reason": "stop"})
+    lines = out.getvalue().splitlines()
+    assert [FINAL_LINE.match(line).groups() for line in lines] == [("0.00", "1.60", "seven"),
+                                                                   ("1.60", "1.90", "(no speech)")]
+    assert err.getvalue() == ""
