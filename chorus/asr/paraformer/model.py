@@ -234,7 +234,7 @@ def cif_fire(hidden, alphas, integrate, frames, threshold, valid=None):
     Returns (embeds [B, N, d], counts [B], fire_t [B, N] frame index of each fire, integrate, frames).
     """
     b, t_len, d = hidden.shape
-    fired, fire_t, fire_mask = [], [], []
+    fired, fire_mask = [], []
     for t in range(t_len):
         a, h = alphas[:, t], hidden[:, t]
         total = a + integrate

@@ -38,7 +38,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ...cache import SlotPool, StateSpec, TensorSpec
 from .frontend import OnlineFeatures, ParaformerFrontend
-from .model import ParaformerStreamingModel, cif_fire, left_valid, masked_softmax_attend, right_valid, tail_gather
+from .model import ParaformerStreamingModel, cif_fire, left_valid, right_valid, tail_gather
 
 
 @dataclass(frozen=True)
