@@ -10,7 +10,6 @@ Shapes are batch-first: features `[B, T, 560]`, hidden `[B, T, d]`, attention `[
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
