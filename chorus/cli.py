@@ -141,15 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, max_session_seconds=args.max_session_seconds,
                           idle_timeout=args.idle_timeout, auth_tokens=tokens,
                           allowed_origins=tuple(args.allowed_origin or ()), batch_wait_ms=args.batch_wait_ms,
-                          max_batch=args.max_batch, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                          max_batch=args.max_batch, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          shutdown_grace=args.shutdown_grace, max_buffered_seconds=args.max_buffered_seconds)
     server = AsrServer(registry, config)
-    s = "s" if args.tls_cert else ""
-    print(f"chorus: ws{s}://{args.host}:{args.port}/asr  (browser demo: http{s}://{args.host}:{args.port}/)",
-          file=sys.stderr, flush=True)
-    try:
-        asyncio.run(server.serve_forever())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(server.serve_forever())  # until SIGTERM or SIGINT, then a graceful shutdown
     return 0
 
 
@@ -203,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// and https:// (browsers allow the "
                                       "microphone only on https or localhost)")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert (if not in the same file)")
+    s.add_argument("--max-buffered-seconds", type=float, default=10.0, metavar="S",
+                   help="audio received but not yet encoded that one stream may hold before the server stops "
+                        "reading its socket (default 10; never below two chunks)")
+    s.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds open streams get to send their finals before the server "
+                        "closes them (default 10)")
     s.set_defaults(func=cmd_serve)
     return parser
 

@@ -99,7 +99,8 @@ def finals_text(messages):
 def test_http_routes(server):
     assert urllib.request.urlopen(server.http + "/healthz").read() == b"ok\n"
     metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
-    assert 'chorus_slots{model="default",state="free"} 20' in metrics
+    assert 'chorus_slots{model="default",state="free"} 20.0' in metrics
+    assert "chorus_connections 0.0" in metrics and 'chorus_backlog_seconds{model="default",stat="max"} 0.0' in metrics
     models = json.loads(urllib.request.urlopen(server.http + "/models").read())
     assert [m["name"] for m in models] == ["default", "second"] and [m["default"] for m in models] == [True, False]
     assert models[0]["chunk_ms"]["480"] == 560 and models[0]["default_lookahead_ms"] == 1040
@@ -158,13 +159,19 @@ def test_sixteen_clients_match_chorus_transcribe(server, model_path, tmp_path):
                         pace=0.002)
             for _, rate, enc, data in clips])
 
+    metrics = server.server.metrics
+
+    def steps_over_one():  # steps of more than one stream so far
+        return (metrics.value("chorus_step_batch_size_count", model="default")
+                - metrics.value("chorus_step_batch_size_bucket", model="default", le="1.0"))
+
+    before = steps_over_one()
     results = run(all_clients())
     for (path, *_), msgs in zip(clips, results):
         assert msgs[-1] == {"closed": 1000}
         assert [m["reason"] for m in msgs if m.get("type") == "final"] == ["stop"]
         assert finals_text(msgs) == expected[str(path)].strip(), path
-    batch = server.server.scheduler.batch_sizes
-    assert max(b for b, n in zip(batch.buckets, batch._counts[("default",)]) if n) > 1, "never batched"
+    assert steps_over_one() > before, "never batched"
 
 
 def test_beam_search_clients_match_chorus_transcribe(server, model_path, tmp_path):
@@ -383,37 +390,6 @@ def test_auth_and_origins(model_path):
         assert run(attempts()) == (401, 401, 403)
         srv.wait_idle()
     finally:
-        srv.stop()
-
-
-def test_fast_sender_is_held_to_the_buffer_bound(model_path):
-    """A client pushing 20 s of audio at once is throttled (TCP backpressure), not buffered."""
-    registry = ModelRegistry()
-    registry.add("default", load_fastconformer(model_path), slots=2)
-    srv = ServerThread(registry, ServerConfig(port=0, max_buffered_seconds=0.5))
-    peak = [0.0]
-    sampling = threading.Event()
-
-    def sample():
-        while not sampling.is_set():
-            for session, _ in list(srv.server._sessions.values()):
-                peak[0] = max(peak[0], session.buffered_seconds)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        audio = encode((np.random.default_rng(9).standard_normal(16000 * 20) * 0.1).astype(np.float32),
-                       "pcm_s16le")
-        msgs = run(stream_file(srv.url, audio, {"endpointing": False, "lookahead_ms": 1040}, 6400))
-        sampling.set()
-        sampler.join()
-        assert msgs[-1] == {"closed": 1000}
-        assert [m for m in msgs if m.get("type") == "final"][-1]["end"] == pytest.approx(20.0, abs=0.01)
-        assert 0.1 < peak[0] <= 0.5 + 0.2  # bound plus one 200 ms frame
-        srv.wait_idle()
-    finally:
-        sampling.set()
         srv.stop()
 
 

@@ -15,20 +15,23 @@ import json
 import logging
 import mimetypes
 import secrets
+import signal
 import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from ..cache import PoolExhausted
 from .asr_session import AsrSession
-from .metrics import Counter, Gauge, Registry
+from .metrics import ServerMetrics
 from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
 from .registry import ModelRegistry
 from .scheduler import Scheduler
@@ -45,7 +48,8 @@ class ServerConfig:
     max_connections: int = 256
     max_session_seconds: float = 4 * 3600.0  # wall-clock length of one connection
     idle_timeout: float = 30.0               # seconds with neither audio nor keepalive
-    max_buffered_seconds: float = 10.0       # unprocessed audio per stream before we stop reading
+    max_buffered_seconds: float = 10.0       # unencoded audio per stream before we stop reading (at least
+                                             # two chunks, so that a stream can always make its next step)
     max_pending_messages: int = 512          # results a client has not read before it is dropped
     auth_tokens: tuple[str, ...] = ()        # bearer tokens; empty = no auth
     allowed_origins: tuple[str, ...] = ()    # browser Origin allow-list; empty = any
@@ -54,38 +58,47 @@ class ServerConfig:
     web_root: Path | None = field(default_factory=lambda: WEB_ROOT if WEB_ROOT.exists() else None)
     tls_cert: str | None = None              # serve wss:// and https:// with this certificate chain
     tls_key: str | None = None
+    shutdown_grace: float = 10.0             # seconds open streams get to flush their finals on SIGTERM
 
 
 class AsrServer:
     def __init__(self, registry: ModelRegistry, config: ServerConfig | None = None):
         self.registry = registry
         self.config = config or ServerConfig()
-        self.metrics = Registry()
+        self.metrics = ServerMetrics()
         self.scheduler = Scheduler(self.metrics, batch_wait_ms=self.config.batch_wait_ms,
                                    max_batch=self.config.max_batch, on_failure=self._on_session_failure)
         self._ids = itertools.count(1)
         self.connections = 0
         self._sessions: dict[str, tuple[AsrSession, "_Outbox"]] = {}
+        self._handlers: set[asyncio.Task] = set()   # one per open connection
+        self._going_away: asyncio.Event | None = None  # set on shutdown: every handler finishes its stream
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.errors = self.metrics.add(Counter("chorus_errors_total", "Streams ended by an error", ("code",)))
-        self.streams_total = self.metrics.add(Counter("chorus_streams_total", "Streams started", ("model",)))
-        self.metrics.add(Gauge("chorus_open_streams", "Streams open now", ("model",),
-                               lambda: {e.name: e.engine.pool.used for e in registry.entries()}))
-        self.metrics.add(Gauge("chorus_slots", "State-pool slots per model", ("model", "state"), self._slot_stats))
-        self.metrics.add(Gauge("chorus_connections", "Open WebSocket connections", (),
-                               lambda: {(): self.connections}))
+        self.metrics.add_live_gauges(self._live_gauges)
         self._server = None
 
-    def _slot_stats(self) -> dict:
-        out = {}
-        for e in self.registry.entries():
-            out[(e.name, "used")] = e.engine.pool.used
-            out[(e.name, "free")] = e.engine.pool.free
-        return out
+    def _live_gauges(self):
+        entries = self.registry.entries()
+        sessions = [s for s, _ in list(self._sessions.values())]
+        backlog = {}
+        for e in entries:
+            mine = [s.backlog_seconds for s in sessions if s.entry is e]
+            backlog[(e.name, "sum")] = sum(mine)
+            backlog[(e.name, "max")] = max(mine, default=0.0)
+        return [
+            ("chorus_open_streams", "Streams open now", ("model",), {e.name: e.engine.pool.used for e in entries}),
+            ("chorus_slots", "State-pool slots per model", ("model", "state"),
+             {**{(e.name, "used"): e.engine.pool.used for e in entries},
+              **{(e.name, "free"): e.engine.pool.free for e in entries}}),
+            ("chorus_connections", "Open WebSocket connections", (), {(): self.connections}),
+            ("chorus_backlog_seconds", "Audio received but not yet encoded, over a model's streams (sum, max)",
+             ("model", "stat"), backlog),
+        ]
 
     # -- lifetime ----------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._going_away = asyncio.Event()
         self.scheduler.start()
         cfg = self.config
         ssl_context = None
@@ -100,16 +113,42 @@ class AsrServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Close at once: every connection gets close 1001 without its final (see `shutdown`)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         self.scheduler.stop()
 
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Graceful stop (SIGTERM): accept nothing new, let every open stream flush its audio and
+        send its final (`reason: "shutdown"`), close each with 1001, then stop.  Streams still
+        busy after `grace` seconds are closed without their final."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self._server is None:
+            return
+        self._server.close(close_connections=False)  # stop listening; open connections go on
+        self._going_away.set()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=grace)
+        await self.stop()
+
     async def serve_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
         await self.start()
-        scheme = "wss" if self.config.tls_cert else "ws"
-        log.info("chorus serving %s on %s://%s:%d/asr", self.registry.names(), scheme, self.config.host, self.port)
-        await self._server.serve_forever()
+        s = "s" if self.config.tls_cert else ""
+        log.info("chorus serving %s on ws%s://%s:%d/asr (browser demo: http%s://%s:%d/)", self.registry.names(),
+                 s, self.config.host, self.port, s, self.config.host, self.port)
+        signalled = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, signalled.set)
+        try:
+            await signalled.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(sig)
+        log.info("shutting down: finishing %d open stream(s), at most %g s", len(self._handlers),
+                 self.config.shutdown_grace)
+        await self.shutdown()
 
     # -- plain HTTP --------------------------------------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -118,10 +157,12 @@ class AsrServer:
         if path == "/healthz":
             return _response(200, "ok\n", "text/plain")
         if path == "/metrics":
-            return _response(200, self.metrics.render(), "text/plain; version=0.0.4")
+            return _response(200, self.metrics.render(), self.metrics.content_type)
         if path == "/asr":
             if not self._authorized(request, url):
                 return _response(401, "missing or wrong bearer token\n", "text/plain")
+            if self._going_away is not None and self._going_away.is_set():
+                return _response(503, "the server is shutting down\n", "text/plain")
             if self.connections >= self.config.max_connections:
                 return _response(503, "too many connections, try again later\n", "text/plain")
             return None  # continue with the WebSocket handshake
@@ -157,22 +198,30 @@ class AsrServer:
     # -- the streaming protocol --------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
+        self._handlers.add(asyncio.current_task())
         session: AsrSession | None = None
-        outbox = _Outbox(ws, self.config.max_pending_messages)
+        outbox = _Outbox(ws, self.config.max_pending_messages, on_broken=lambda: self.metrics.errors.labels(
+            "internal").inc())
         writer = asyncio.create_task(outbox.run())
+        leaving = asyncio.ensure_future(self._going_away.wait())
         started = time.monotonic()
         try:
             while True:
                 remaining = self.config.max_session_seconds - (time.monotonic() - started)
                 if remaining <= 0:
                     raise ProtocolError("session_limit", f"session longer than {self.config.max_session_seconds:g} s")
-                try:
-                    message = await asyncio.wait_for(ws.recv(), timeout=min(self.config.idle_timeout, remaining))
-                except asyncio.TimeoutError:
+                message = await _receive(ws, leaving, min(self.config.idle_timeout, remaining))
+                if message is _TIMED_OUT:
                     if time.monotonic() - started >= self.config.max_session_seconds:
                         continue
-                    raise ProtocolError("idle_timeout",
-                                        f"no audio or keepalive for {self.config.idle_timeout:g} s") from None
+                    raise ProtocolError("idle_timeout", f"no audio or keepalive for {self.config.idle_timeout:g} s")
+                if message is _LEAVING:  # shutdown: flush what was sent, send the final, close 1001
+                    if session is not None:
+                        await self._finish(ws, outbox, await self._flush(session, "shutdown"),
+                                           1001, "server shutting down", self.config.shutdown_grace)
+                    else:
+                        await ws.close(1001, "server shutting down")
+                    return
                 if outbox.failed:
                     raise ProtocolError("too_slow", "the client is not reading results")
                 if len(message) > self.config.max_frame_bytes:
@@ -184,9 +233,7 @@ class AsrServer:
                     if len(message):
                         session.push_audio(message)
                         self.scheduler.notify()
-                        while (session.buffered_seconds > self.config.max_buffered_seconds
-                               and not (outbox.failed or session.closed)):
-                            await asyncio.sleep(0.01)  # backpressure: stop reading until the model catches up
+                        await self._hold_back(session, outbox)
                     continue
                 msg = parse_text(message)
                 kind = msg["type"]
@@ -201,9 +248,7 @@ class AsrServer:
                         raise ProtocolError("not_started", f"{kind} before start")
                     done = await self._flush(session, kind)
                     if kind == "stop":
-                        await asyncio.wait_for(done, timeout=60)
-                        await outbox.drain()
-                        await ws.close(1000, "stopped")
+                        await self._finish(ws, outbox, done, 1000, "stopped", 60.0)
                         return
                 else:
                     raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
@@ -215,16 +260,43 @@ class AsrServer:
             log.exception("connection handler failed")
             await self._close_with(ws, outbox, ProtocolError("internal", f"server error: {type(exc).__name__}"))
         finally:
+            # Every way out of a connection comes through here: the slot and the count are returned.
             if session is not None:
                 self._sessions.pop(session.id, None)
                 self.scheduler.submit(lambda s=session: self._drop(s))
             writer.cancel()
+            leaving.cancel()
+            self._handlers.discard(asyncio.current_task())
             self.connections -= 1
+
+    async def _hold_back(self, session: AsrSession, outbox: "_Outbox") -> None:
+        """Backpressure: while the stream holds more unencoded audio than its bound, stop reading
+        from the socket (TCP pushes back on the client) until the model catches up."""
+        while (session.backlog_seconds > session.backlog_limit
+               and not (outbox.failed or outbox.closed or session.closed)):
+            await asyncio.sleep(0.01)
+
+    async def _finish(self, ws: ServerConnection, outbox: "_Outbox", flushed: asyncio.Future, code: int,
+                      reason: str, timeout: float) -> None:
+        """End a stream whose flush was requested: wait for its final (or for the client to go),
+        let the outbox send it, and close.  Nothing here waits without a bound."""
+        gone = asyncio.ensure_future(ws.wait_closed())
+        try:
+            await asyncio.wait([flushed, gone], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not flushed.done() and ws.state is not State.CLOSED:
+            raise ProtocolError("internal", f"the final result took longer than {timeout:g} s")
+        try:
+            await asyncio.wait_for(outbox.drain(), timeout=10.0)
+        except asyncio.TimeoutError:
+            pass
+        await ws.close(code, reason)
 
     async def _close_with(self, ws: ServerConnection, outbox: "_Outbox", error: ProtocolError) -> None:
         """Send the error and close, reading (and dropping) what the client already sent so that
         its close frame is seen instead of waiting out the close timeout."""
-        self.errors.inc(1, error.code)
+        self.metrics.errors.labels(error.code).inc()
         closing = asyncio.create_task(outbox.fail_with(error))
         try:
             async for _ in ws:
@@ -251,7 +323,7 @@ class AsrServer:
         search = entry.search_for(req.beam_size) if decoder == "rnnt" else None
         stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
         session = AsrSession(stream_id, req, entry, decoder, setting.lookahead_ms, outbox.post_threadsafe(self.loop),
-                             search)
+                             search, max_backlog_seconds=self.config.max_buffered_seconds)
         opened = self.loop.create_future()
 
         def open_on_thread():
@@ -274,7 +346,7 @@ class AsrServer:
         if isinstance(result, Exception):
             raise ProtocolError("internal", f"could not open the stream: {result}")
         self._sessions[stream_id] = (session, outbox)
-        self.streams_total.inc(1, entry.name)
+        self.metrics.streams.labels(entry.name).inc()
         outbox.send({"type": "ready", "protocol": PROTOCOL, "stream_id": stream_id, "model": entry.name,
                      "sample_rate": req.sample_rate, "encoding": req.encoding, "decoder": decoder,
                      "beam_size": search.config.beam_size if search is not None else 1,
@@ -301,7 +373,7 @@ class AsrServer:
         if entry is None or self.loop is None:
             return
         _, outbox = entry
-        self.errors.inc(1, error.code)
+        self.metrics.errors.labels(error.code).inc()
         asyncio.run_coroutine_threadsafe(outbox.fail_with(error), self.loop)
 
 
@@ -309,20 +381,26 @@ class _Outbox:
     """Messages to one client, sent in order by one task.
 
     A partial result replaces a partial still waiting to be sent, so a slow reader gets the
-    latest text rather than a backlog; a reader too slow even for that is dropped.
+    latest text rather than a backlog; a reader too slow even for that is dropped.  Once the
+    writer has ended (the connection closed, or a message could not be sent), nothing waits on
+    it: `send` drops messages and `drain` returns at once.
     """
 
-    def __init__(self, ws: ServerConnection, limit: int):
+    def __init__(self, ws: ServerConnection, limit: int, on_broken: Callable[[], None] = lambda: None):
         self.ws = ws
         self.limit = limit
         self.items: collections.deque[dict] = collections.deque()
-        self.failed = False
+        self.failed = False      # the client does not read: the handler ends the stream (too_slow)
+        self.closed = False      # the writer has ended
+        self._on_broken = on_broken
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
 
     def send(self, msg: dict) -> None:
+        if self.closed:
+            return
         if msg["type"] == "partial" and self.items and self.items[-1]["type"] == "partial":
             self.items[-1] = msg
         elif len(self.items) >= self.limit:
@@ -337,15 +415,27 @@ class _Outbox:
         return lambda msg: loop.call_soon_threadsafe(self.send, msg)
 
     async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self.items:
-                try:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self.items:
                     await self.ws.send(dumps(self.items.popleft()))
-                except ConnectionClosed:
-                    self._idle.set()
-                    return
+                self._idle.set()
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # a message that cannot be sent ends the stream, visibly
+            log.exception("could not send a message to the client; closing the stream")
+            self._on_broken()
+            error = ProtocolError("internal", f"server error: could not send a result ({type(exc).__name__})")
+            try:
+                await self.ws.send(dumps(error.as_message()))
+            except ConnectionClosed:
+                pass
+            await self.ws.close(error.close_code, error.message[:100])  # the handler's recv ends with it
+        finally:
+            self.closed = True
+            self.items.clear()
             self._idle.set()
 
     async def drain(self) -> None:
@@ -357,10 +447,30 @@ class _Outbox:
         self._closing = True
         try:
             await asyncio.wait_for(self.drain(), timeout=2.0)
-            await self.ws.send(dumps(error.as_message()))
+            if not self.closed:
+                await self.ws.send(dumps(error.as_message()))
         except (ConnectionClosed, asyncio.TimeoutError):
             pass
-        await self.ws.close(error.close_code, error.message[:120])
+        # A close reason is at most 123 bytes of UTF-8.
+        await self.ws.close(error.close_code, error.message.encode()[:120].decode(errors="ignore"))
+
+
+_TIMED_OUT, _LEAVING = object(), object()
+
+
+async def _receive(ws: ServerConnection, leaving: asyncio.Future, timeout: float):
+    """The next frame, `_TIMED_OUT` after `timeout` s, or `_LEAVING` once the server shuts down
+    (websockets' recv may be cancelled without losing data)."""
+    recv = asyncio.ensure_future(ws.recv())
+    try:
+        await asyncio.wait([recv, leaving], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not recv.done():
+            recv.cancel()
+            await asyncio.wait([recv])  # let the cancellation land before anyone calls recv again
+    if recv.done() and not recv.cancelled():
+        return recv.result()  # raises ConnectionClosed when the client is gone
+    return _LEAVING if leaving.done() else _TIMED_OUT
 
 
 def _settle(future: asyncio.Future, value) -> None:

@@ -22,7 +22,7 @@ from .registry import ModelEntry
 
 class AsrSession:
     def __init__(self, stream_id: str, request: StartRequest, entry: ModelEntry, decoder: str, lookahead_ms: int,
-                 post: Callable[[dict], None], search: RnntBeamSearch | None = None):
+                 post: Callable[[dict], None], search: RnntBeamSearch | None = None, max_backlog_seconds: float = 10.0):
         self.id = stream_id
         self.request = request
         self.entry = entry
@@ -33,8 +33,13 @@ class AsrSession:
         # Audio frames and flush markers, in the order the client sent them.
         self.inbox: collections.deque = collections.deque()
         self._inbox_bytes = 0
+        self.received_bytes = 0             # audio bytes read from the client so far
         self._lock = threading.Lock()
         self.bytes_per_second = request.sample_rate * bytes_per_sample(request.encoding)
+        self.encoded_seconds = 0.0          # audio seconds the model has encoded (set on the inference thread)
+        # What the connection lets the stream hold unencoded: at least two whole chunks, or a small
+        # bound would leave the stream unable to make its next step.
+        self.backlog_limit = max(max_backlog_seconds, 2 * self.setting.chunk_ms / 1000 + 0.25)
         # -- owned by the inference thread --------------------------------------------------
         self.stream: AsrStream | None = None
         self.endpointer: Endpointer | None = None
@@ -50,6 +55,7 @@ class AsrSession:
         with self._lock:
             self.inbox.append(frame)
             self._inbox_bytes += len(frame)
+            self.received_bytes += len(frame)
 
     def push_flush(self, kind: str, on_flushed: Callable[[str], None]) -> None:
         """`finalize` or `stop`, ordered after the audio sent before it."""
@@ -58,7 +64,14 @@ class AsrSession:
 
     @property
     def buffered_seconds(self) -> float:
+        """Audio received but not yet taken by the stream's front end."""
         return self._inbox_bytes / self.bytes_per_second
+
+    @property
+    def backlog_seconds(self) -> float:
+        """Audio received but not yet encoded: what the server holds for this stream (the inbox,
+        the front end's and chunker's buffers).  The connection stops reading above its bound."""
+        return max(0.0, self.received_bytes / self.bytes_per_second - self.encoded_seconds)
 
     # -- inference thread --------------------------------------------------------------------
     def open(self) -> None:
@@ -68,9 +81,13 @@ class AsrSession:
         self.endpointer = Endpointer(self.request.endpointing, self.stream.frame_seconds * 1000)
 
     def pull_audio(self) -> int:
-        """Decode and feed the inbox up to the next flush marker; returns the audio bytes taken."""
+        """Decode and feed the inbox until the next chunk is ready (or up to a flush marker);
+        returns the audio bytes taken.  Taking no more than the next chunk needs keeps a client
+        that sends faster than real time from costing the inference thread more than one
+        chunk's front-end work per round; the rest waits in the inbox, which the connection
+        bounds by no longer reading (TCP backpressure)."""
         taken = 0
-        while self.inbox and self.stream is not None and self.flush is None:
+        while self.inbox and self.stream is not None and self.flush is None and not self.stream.ready():
             with self._lock:
                 frame = self.inbox.popleft()
                 if isinstance(frame, bytes):
@@ -104,6 +121,7 @@ class AsrSession:
 
     def after_step(self, new_tokens: list[Token]) -> None:
         stream, ep = self.stream, self.endpointer
+        self.encoded_seconds = self.time_offset + stream.audio_time(stream.frames_done)
         for t in new_tokens:
             ep.note_token(t.frame)
         if ep.should_end(stream.frames_done):
@@ -122,6 +140,7 @@ class AsrSession:
         kind, self.flush = self.flush, None
         self._emit_final(kind, always=True)
         self.time_offset += self.stream.audio_seconds
+        self.encoded_seconds = self.time_offset
         self.stream.close()
         self.stream = None
         if kind == "finalize":  # the connection goes on with a fresh model state

@@ -1,106 +1,58 @@
-"""Prometheus text-format metrics: counters, gauges and histograms with labels, thread-safe."""
+"""The server's Prometheus metrics, through prometheus_client.
+
+Counters and histograms are updated where things happen (the inference thread, the event loop);
+gauges of live state (pools, connections, backlogs) are read from the server at scrape time.
+Each server has its own registry, so several servers (tests) can live in one process.
+"""
 from __future__ import annotations
 
-import threading
-from bisect import bisect_left
-from typing import Callable
+from typing import Callable, Iterable
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+# `*_created` timestamps add a series per label set and say nothing an operator needs here.
+prometheus_client.disable_created_metrics()
+
+GaugeReading = tuple[str, str, tuple[str, ...], dict]  # name, help, label names, {label values: value}
 
 
-def _labels(names: tuple[str, ...], values: tuple) -> str:
-    if not names:
-        return ""
-    inner = ",".join(f'{n}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for n, v in zip(names, values))
-    return "{" + inner + "}"
+class _LiveGauges:
+    """A collector whose gauges are read from the running server on every scrape."""
 
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
-        self.name, self.help, self.label_names = name, help_text, labels
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self._values: dict[tuple, float] = {}
-
-    def inc(self, amount: float = 1.0, *labels) -> None:
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def value(self, *labels) -> float:
-        return self._values.get(labels, 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {v:g}" for k, v in items]
-
-
-class Gauge(_Metric):
-    """A gauge read from a callback at scrape time (values of the live pools, sessions...)."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...], read: Callable[[], dict]):
-        super().__init__(name, help_text, labels)
+    def __init__(self, read: Callable[[], Iterable[GaugeReading]]):
         self._read = read
 
-    def render(self) -> list[str]:
-        values = self._read()
-        return self.header() + [f"{self.name}{_labels(self.label_names, k if isinstance(k, tuple) else (k,))} {v:g}"
-                                for k, v in sorted(values.items())]
+    def collect(self):
+        for name, help_text, labels, values in self._read():
+            family = GaugeMetricFamily(name, help_text, labels=list(labels))
+            for key, value in sorted(values.items()):
+                family.add_metric([str(v) for v in (key if isinstance(key, tuple) else (key,))], value)
+            yield family
 
 
-class Histogram(_Metric):
-    kind = "histogram"
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, name: str, help_text: str, buckets: list[float], labels: tuple[str, ...] = ()):
-        super().__init__(name, help_text, labels)
-        self.buckets = sorted(buckets)
-        self._counts: dict[tuple, list[int]] = {}
-        self._sums: dict[tuple, float] = {}
-
-    def observe(self, value: float, *labels) -> None:
-        with self._lock:
-            counts = self._counts.setdefault(labels, [0] * (len(self.buckets) + 1))
-            counts[bisect_left(self.buckets, value)] += 1
-            self._sums[labels] = self._sums.get(labels, 0.0) + value
-
-    def count(self, *labels) -> int:
-        return sum(self._counts.get(labels, []))
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        with self._lock:
-            items = sorted(self._counts.items())
-            sums = dict(self._sums)
-        for labels, counts in items:
-            running = 0
-            for bound, c in zip(self.buckets + [float("inf")], counts):
-                running += c
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                lines.append(f"{self.name}_bucket{_labels(self.label_names + ('le',), labels + (le,))} {running}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, labels)} {sums[labels]:g}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, labels)} {running}")
-        return lines
-
-
-class Registry:
     def __init__(self):
-        self.metrics: list[_Metric] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.errors = Counter("chorus_errors", "Streams ended by an error", ["code"], registry=r)
+        self.streams = Counter("chorus_streams", "Streams started", ["model"], registry=r)
+        self.audio_seconds = Counter("chorus_audio_seconds", "Audio seconds taken in by streams", ["model"],
+                                     registry=r)
+        self.batch_sizes = Histogram("chorus_step_batch_size", "Streams stepped together in one forward step",
+                                     ["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128], registry=r)
+        self.step_seconds = Histogram("chorus_step_seconds", "Wall time of one batched step", ["model"],
+                                      buckets=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2], registry=r)
 
-    def add(self, metric):
-        self.metrics.append(metric)
-        return metric
+    def add_live_gauges(self, read: Callable[[], Iterable[GaugeReading]]) -> None:
+        self.registry.register(_LiveGauges(read))
 
-    def render(self) -> str:
-        return "\n".join(line for m in self.metrics for line in m.render()) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's current value (0 when it has not been recorded yet)."""
+        return self.registry.get_sample_value(name, labels) or 0.0

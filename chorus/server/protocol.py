@@ -14,6 +14,8 @@ from ..stream.endpointing import EndpointConfig
 
 PROTOCOL = "chorus.asr.v1"
 MAX_BEAM_SIZE = 16  # beam search runs on the host, its cost grows with the beam: bound it
+MAX_ERROR_CHARS = 300  # an error echoes at most this much of what the client sent
+MAX_INT_DIGITS = 18    # longer integer literals are refused before Python converts them (its limit raises)
 
 # code -> WebSocket close code
 CLOSE_CODES = {
@@ -40,6 +42,8 @@ class ProtocolError(Exception):
     """Ends the stream with an `error` message and the close code of `code`."""
 
     def __init__(self, code: str, message: str):
+        if len(message) > MAX_ERROR_CHARS:  # never echo a client's 80 KB back at it
+            message = message[:MAX_ERROR_CHARS - 1] + "\u2026"
         super().__init__(message)
         if code not in CLOSE_CODES:
             raise ValueError(f"unknown error code {code}")
@@ -71,10 +75,30 @@ _START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "de
                  "interim_results", "word_times", "endpointing"}
 
 
+def _non_finite(literal: str):
+    raise ProtocolError("bad_message", f"non-finite number {literal} in message; numbers must be finite")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 parses to inf without passing through parse_constant
+        _non_finite(literal[:20])
+    return value
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError("bad_message", f"integer of {len(literal)} digits in message; too large")
+    return int(literal)
+
+
 def parse_text(text: str) -> dict:
+    """One client text frame as a JSON object.  Python's json accepts NaN, Infinity and integers of
+    any length; the protocol does not (non-finite values cannot be answered in JSON, and huge
+    integers cost CPU to convert), so they end the stream with `bad_message`."""
     try:
-        msg = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = json.loads(text, parse_constant=_non_finite, parse_float=_finite_float, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_json", f"text frame is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_json", "text frame must be a JSON object")
@@ -85,9 +109,12 @@ def parse_text(text: str) -> dict:
 
 
 def parse_start(msg: dict) -> StartRequest:
-    unknown = set(msg) - _START_FIELDS
+    unknown = sorted(set(msg) - _START_FIELDS)
     if unknown:
-        raise ProtocolError("bad_message", f"unknown field(s) in start: {', '.join(sorted(unknown))}")
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        if len(unknown) > 5:
+            shown += f" and {len(unknown) - 5} more"
+        raise ProtocolError("bad_message", f"unknown field(s) in start: {shown}")
 
     def typed(name, kinds, default):
         value = msg.get(name, default)

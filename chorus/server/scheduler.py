@@ -1,10 +1,12 @@
 """The inference thread: collects streams with a whole chunk ready and steps them as one batch.
 
 Connections talk to it only through `submit` (a callable run on this thread).  Each round it
-feeds newly arrived audio into the streams, waits a bounded time for more streams of the same
-model and setting to become ready, steps each group (at most `max_batch` streams at once), and
-hands results back through the sessions' `post` callbacks.  Model compute never touches the
-event loop, and only this thread touches stream state and the pools.
+feeds newly arrived audio into the streams (each takes only what its next chunk needs, so a client
+that sends faster than real time costs one chunk's work per round, like any other stream), waits a
+bounded time for more streams of the same model and setting to become ready, steps each group (at
+most `max_batch` streams at once, one chunk per stream), and hands results back through the
+sessions' `post` callbacks.  Model compute never touches the event loop, and only this thread
+touches stream state and the pools.
 """
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ from typing import Callable
 
 from ..asr.streams import step_streams
 from .asr_session import AsrSession
-from .metrics import Counter, Histogram, Registry
+from .metrics import ServerMetrics
 from .protocol import ProtocolError
 
 log = logging.getLogger("chorus.scheduler")
 
 
 class Scheduler:
-    def __init__(self, metrics: Registry, *, batch_wait_ms: float = 10.0, max_batch: int = 64,
+    def __init__(self, metrics: ServerMetrics, *, batch_wait_ms: float = 10.0, max_batch: int = 64,
                  on_failure: Callable[[AsrSession, ProtocolError], None] | None = None):
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch = max_batch
@@ -33,14 +35,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="chorus-inference", daemon=True)
-        self.batch_sizes = metrics.add(Histogram(
-            "chorus_step_batch_size", "Streams stepped together in one forward step",
-            [1, 2, 4, 8, 16, 32, 64, 128], ("model",)))
-        self.step_seconds = metrics.add(Histogram(
-            "chorus_step_seconds", "Wall time of one batched step",
-            [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2], ("model",)))
-        self.audio_seconds = metrics.add(Counter(
-            "chorus_audio_seconds_total", "Audio seconds received by streams", ("model",)))
+        self.metrics = metrics
 
     def start(self) -> None:
         self._thread.start()
@@ -75,6 +70,7 @@ class Scheduler:
                 self._step_ready()
                 self._wake.set()  # more chunks may already be waiting
             self._finish_flushes()
+        self._drain_commands()  # the last drops: slots go back even when the server stops
 
     def _active(self) -> int:
         return sum(1 for s in self.sessions if s.stream is not None and s.flush is None)
@@ -98,7 +94,7 @@ class Scheduler:
                 self._fail(s, exc)
                 continue
             if taken:
-                self.audio_seconds.inc(taken / s.bytes_per_second, s.entry.name)
+                self.metrics.audio_seconds.labels(s.entry.name).inc(taken / s.bytes_per_second)
 
     def _step_ready(self) -> None:
         ready = [s for s in self.sessions if s.stream is not None and s.stream.ready()]
@@ -116,8 +112,8 @@ class Scheduler:
                     for s in batch:
                         self._fail(s, ProtocolError("internal", f"inference failed: {type(exc).__name__}"))
                     continue
-                self.step_seconds.observe(time.perf_counter() - t0, model)
-                self.batch_sizes.observe(len(batch), model)
+                self.metrics.step_seconds.labels(model).observe(time.perf_counter() - t0)
+                self.metrics.batch_sizes.labels(model).observe(len(batch))
                 by_stream = {id(st): tokens for st, tokens in stepped}
                 for s in batch:
                     try:
