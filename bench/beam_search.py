@@ -25,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chorus.asr.conformer.beam import RnntBeamSearch  # noqa: E402
-from chorus.asr.conformer.streaming import ConformerStreamer  # noqa: E402
 from chorus.asr.evaluate import read_manifest  # noqa: E402
 from chorus.asr.textnorm import normalize_text  # noqa: E402
-from chorus.asr.transcribe import load_model, make_search, transcribe_files  # noqa: E402
+from chorus.asr.conformer.checkpoint import load_fastconformer  # noqa: E402
+from chorus.asr.conformer.family import ConformerModel, make_search  # noqa: E402
+from chorus.asr.families import resolve_model_path  # noqa: E402
+from chorus.asr.transcribe import transcribe_files  # noqa: E402
+from chorus.stream.contract import StreamRequest  # noqa: E402
 
 
 class OneByOne(RnntBeamSearch):
@@ -52,7 +55,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, "cpu")
+    loaded = load_fastconformer(resolve_model_path(args.model), "cpu")
     if args.manifest:
         rows = read_manifest(args.manifest, args.limit)
         files, refs = [r["audio_filepath"] for r in rows], [normalize_text(r["text"]) for r in rows]
@@ -68,15 +71,15 @@ def main() -> None:
     widest = configs[last]
     if widest is not None:
         configs[f"{last}, one by one"] = OneByOne(widest.joint, widest.predictor, widest.config, widest.lm)
-    engine = ConformerStreamer(loaded.model, slots=args.streams)
     times: dict[str, list[float]] = {name: [] for name in configs}
     texts: dict[str, list[str]] = {}
     audio_seconds = 0.0
     for _ in range(args.repeats):
         for name, search in configs.items():  # interleaved, so drifts of the machine hit all alike
             start = time.process_time()
-            results = list(transcribe_files(loaded, engine, files, lookahead_ms=args.lookahead_ms, decoder="rnnt",
-                                            concurrency=args.streams, search=search))
+            engine = ConformerModel(loaded, search).make_engine(slots=args.streams)
+            request = StreamRequest(lookahead_ms=args.lookahead_ms, decoder="rnnt")
+            results = list(transcribe_files(engine, files, request, concurrency=args.streams))
             times[name].append(time.process_time() - start)
             texts[name] = [normalize_text(r.text) for r in results]
             audio_seconds = sum(r.duration for r in results)

@@ -19,7 +19,7 @@ forward with the same att_context_size, with greedy RNNT and CTC.  chorus gives,
 checkpoint (load_fastconformer) and samples:
   features   OnlineMel fed 20 ms pieces (the live path's front end)          vs NeMo's feats
   encoder    ConformerStreamer step loop over FrameChunker chunks            vs NeMo offline / streaming
-  tokens     chorus.asr.streams.transcribe_samples (resampler, online mel,
+  tokens     chorus.asr.transcribe.transcribe_samples (resampler, online mel,
              chunker, batched step, greedy decoding carried across chunks)   vs NeMo offline / streaming
 
 chorus follows the offline maths (law 1); NeMo's own streaming deviates from NeMo's offline forward in
@@ -43,9 +43,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
+from chorus.asr.conformer.checkpoint import LoadedModel, load_fastconformer, save_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.streams import transcribe_samples
+from chorus.asr.conformer.family import ConformerModel
+from chorus.asr.transcribe import transcribe_samples
+from chorus.stream.contract import StreamRequest
 from chorus.codecs import read_audio, resample
 from chorus.stream.chunking import whole_utterance_chunks
 from chorus.stream.features import OnlineMel
@@ -165,6 +167,7 @@ def main() -> int:
         loaded = load_fastconformer(path)
         model, tok = loaded.model, loaded.tokenizer
         engine = ConformerStreamer(model, slots=2)
+        streaming = ConformerModel(LoadedModel(model, tok, {}, str(path))).make_engine(slots=1)
         feats = online_features(model, samples)
         feats_off = model.frontend.offline(samples)
         for context in model.spec.encoder.att_context_size:
@@ -188,7 +191,8 @@ def main() -> int:
             setting = engine.setting(context)
             toks = {}
             for dec in ("rnnt", "ctc"):
-                ids = transcribe_samples(engine, tok, samples, 16000, setting, dec).hypothesis.ids
+                ids = transcribe_samples(streaming, samples, 16000,
+                                         StreamRequest(lookahead_ms=setting.lookahead_ms, decoder=dec)).hypothesis.ids
                 toks[dec] = (ids == n[f"offline_{dec}_ids"].tolist(), ids == n[f"{dec}_ids"].tolist(), len(ids))
             ok = (f_diff <= TOL and d_off <= TOL and not note_off and toks["rnnt"][0] and toks["ctc"][0])
             if not ok:

@@ -1,4 +1,4 @@
-"""chorus command line: `chorus transcribe`, `chorus eval`, `chorus serve`."""
+"""chorus command line: `chorus transcribe`, `chorus eval`, `chorus serve` (any model family)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="path to a NeMo cache-aware FastConformer .nemo (default: the bundled model)")
+    p.add_argument("--model", help="a NeMo cache-aware FastConformer .nemo file or a FunASR streaming Paraformer "
+                                   "model directory (default: the bundled model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
@@ -22,18 +23,57 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="score added per token in beam search (1.0 with an LM, else 0)")
 
 
-def _search(args: argparse.Namespace, loaded):
-    from .asr.transcribe import make_search
+def _add_stream_args(p: argparse.ArgumentParser, lookahead_help: str, several: bool = False) -> None:
+    p.add_argument("--lookahead-ms", default=None, type=None if several else int,
+                   metavar="MS[,MS...]" if several else "MS", help=lookahead_help)
+    p.add_argument("--decoder", default=None,
+                   help="which head to decode with: rnnt or ctc for hybrid FastConformers (default: rnnt when "
+                        "present); eval's default is every head")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                   help="a family-specific stream setting, e.g. --option chunk_size=[5,10,5] "
+                        "--option encoder_chunk_look_back=4 for a Paraformer (see /models)")
 
-    return make_search(loaded, beam_size=args.beam, lm=args.lm, lm_weight=args.lm_weight,
-                       length_bonus=args.length_bonus)
+
+def _decoding(args: argparse.Namespace):
+    from .stream.contract import DecodingDefaults
+
+    return DecodingDefaults(beam_size=args.beam, lm=args.lm, lm_weight=args.lm_weight, length_bonus=args.length_bonus)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    out = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r}: write NAME=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def _request(args: argparse.Namespace, lookahead_ms: int | None, decoder: str | None):
+    from .stream.contract import StreamRequest
+
+    return StreamRequest(lookahead_ms=lookahead_ms, decoder=decoder, options=_options(args))
+
+
+def _lookaheads(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lookahead-ms takes milliseconds separated by commas, e.g. 0,480 "
+                         f"(got {text!r})") from None
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .asr.conformer.streaming import ConformerStreamer
-    from .asr.transcribe import check_input_file, load_model, transcribe_files
+    from .asr.families import load_model
+    from .asr.transcribe import check_input_file, transcribe_files
 
     # missing or unreadable paths fail at once, before the model and LM are loaded (seconds)
     problems = [p for p in map(check_input_file, args.files) if p]
@@ -41,15 +81,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 2
-    loaded = load_model(args.model, args.device)
-    engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
-    if args.lookahead_ms is not None:
-        engine.setting_for_lookahead(args.lookahead_ms)  # fail early with the choices
-    if args.decoder and args.decoder not in loaded.model.decoders:
-        print(f"error: decoder {args.decoder!r} is not in this model (has {list(loaded.model.decoders)})",
-              file=sys.stderr)
-        return 2
-    search = _search(args, loaded)
+    model = load_model(args.model, args.device, _decoding(args))
+    engine = model.make_engine(slots=args.concurrency)
+    request = _request(args, args.lookahead_ms, args.decoder)
     show_bar = len(args.files) > 1 and not args.chunk_stream and sys.stderr.isatty()
     bar = tqdm(total=len(args.files), unit="file", disable=not show_bar, file=sys.stderr)
 
@@ -57,9 +91,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"\r[{name}] {stream.seconds_decoded:6.2f}s {stream.text}", file=sys.stderr, flush=True)
 
     failures = 0
-    for result in transcribe_files(loaded, engine, args.files, lookahead_ms=args.lookahead_ms,
-                                   decoder=args.decoder, concurrency=args.concurrency,
-                                   on_chunk=on_chunk if args.chunk_stream else None, search=search):
+    for result in transcribe_files(engine, args.files, request, concurrency=args.concurrency,
+                                   on_chunk=on_chunk if args.chunk_stream else None):
         bar.update(1)
         failures += result.error is not None
         if args.json:
@@ -77,32 +110,22 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .asr.conformer.streaming import ConformerStreamer
     from .asr.evaluate import read_manifest, score_manifest
-    from .asr.transcribe import load_model
+    from .asr.families import load_model
 
-    try:
-        lookaheads = [None] if args.lookahead_ms is None else [int(x) for x in args.lookahead_ms.split(",")]
-    except ValueError:
-        print(f"error: --lookahead-ms takes milliseconds separated by commas, e.g. 0,480 (got {args.lookahead_ms!r})",
-              file=sys.stderr)
-        return 2
-    # every manifest line is checked (JSON, fields, audio file there) before the model is loaded
-    sizes = {manifest: len(read_manifest(manifest, args.limit)) for manifest in args.manifests}
-    loaded = load_model(args.model, args.device)
-    engine = ConformerStreamer(loaded.model, slots=args.concurrency, device=loaded.model.device)
-    decoders = [args.decoder] if args.decoder else list(loaded.model.decoders)
-    search = _search(args, loaded)
+    lookaheads = _lookaheads(args.lookahead_ms)  # bad flags and bad manifest lines fail before the model loads
+    counts = {manifest: len(read_manifest(manifest, args.limit)) for manifest in args.manifests}
+    model = load_model(args.model, args.device, _decoding(args))
+    engine = model.make_engine(slots=args.concurrency)
+    decoders = [args.decoder] if args.decoder else model.describe()["decoders"]
     scores = []
     for manifest in args.manifests:
-        n = sizes[manifest]
         for lookahead in lookaheads:
             for decoder in decoders:
-                with tqdm(total=n, unit="utt", desc=f"{manifest} {lookahead}ms {decoder}", file=sys.stderr,
-                          disable=not sys.stderr.isatty(), leave=False) as bar:
-                    score = score_manifest(loaded, engine, manifest, lookahead_ms=lookahead, decoder=decoder,
-                                           limit=args.limit, concurrency=args.concurrency, progress=bar.update,
-                                           search=search)
+                with tqdm(total=counts[manifest], unit="utt", desc=f"{manifest} {lookahead}ms {decoder}",
+                          file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+                    score = score_manifest(engine, manifest, _request(args, lookahead, decoder), limit=args.limit,
+                                           concurrency=args.concurrency, progress=bar.update)
                 scores.append(score)
                 if args.json:
                     print(json.dumps(score.as_json()), flush=True)
@@ -119,21 +142,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from .asr.transcribe import load_model, make_search
+    from .asr.families import load_model
+    from .cache.allocator import keep_freed_memory
     from .server.app import AsrServer, ServerConfig
     from .server.registry import ModelRegistry
-
-    from .cache.allocator import keep_freed_memory
+    from .stream.contract import DecodingDefaults
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     registry = ModelRegistry()
     models = [("default", args.model)] + [tuple(spec.split("=", 1)) for spec in args.add_model]
     for name, path in models:
-        loaded = load_model(path, args.device)
         # --lm names the default model's LM; other models get beam search without one when --beam > 1
-        search = _search(args, loaded) if name == "default" else make_search(loaded, beam_size=args.beam)
-        registry.add(name, loaded, slots=args.slots, device=loaded.model.device, search=search)
+        decoding = _decoding(args) if name == "default" else DecodingDefaults(beam_size=args.beam, lm="none")
+        registry.add(name, load_model(path, args.device, decoding), slots=args.slots)
     tokens = tuple(t for t in (args.token or []) if t)
     if os.environ.get("CHORUS_TOKEN"):
         tokens += (os.environ["CHORUS_TOKEN"],)
@@ -155,11 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("transcribe", help="transcribe audio files through the live streaming path")
     t.add_argument("files", nargs="+", metavar="FILE", help="WAV, FLAC, OGG (any rate, mono or multi-channel)")
     _add_model_args(t)
-    t.add_argument("--lookahead-ms", type=int, default=None, metavar="MS",
-                   help="attention lookahead; NeMo multi-lookahead models offer 0, 80, 480 and 1040 "
-                        "(default: the model's first setting)")
-    t.add_argument("--decoder", choices=["rnnt", "ctc"], default=None,
-                   help="which head of a hybrid model to decode with (default: rnnt when present)")
+    _add_stream_args(t, "lookahead; NeMo multi-lookahead models offer 0, 80, 480 and 1040 (default: the "
+                        "model's first setting)")
     _add_decoding_args(t)
     t.add_argument("--chunk-stream", action="store_true",
                    help="show the hypothesis after every chunk, as a live caption (on stderr)")
@@ -170,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="WER/CER of the streaming path over NeMo-style JSON-lines manifests")
     e.add_argument("manifests", nargs="+", metavar="MANIFEST")
     _add_model_args(e)
-    e.add_argument("--lookahead-ms", default=None, metavar="MS[,MS...]",
-                   help="comma-separated lookaheads to score (default: the model's first setting)")
-    e.add_argument("--decoder", choices=["rnnt", "ctc"], default=None, help="default: every head of the model")
+    _add_stream_args(e, "comma-separated lookaheads to score (default: the model's first setting)", several=True)
     _add_decoding_args(e)
     e.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     e.add_argument("--concurrency", type=int, default=16, help="files streamed (and batched) at once")
@@ -182,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the WebSocket transcription server")
     _add_model_args(s)
     s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH",
-                   help="offer another .nemo under NAME (clients pick it with start.model)")
+                   help="offer another model (.nemo or FunASR directory) under NAME (clients pick it with "
+                        "start.model)")
     _add_decoding_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)

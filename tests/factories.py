@@ -83,3 +83,39 @@ def _between(values: torch.Tensor, q: float) -> torch.Tensor:
 def random_mel(frames: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(80, frames, generator=g)
+
+
+# -- the FastConformer family through the contract (engine, streams), for the tests ---------------
+
+def conformer_engine(model, tokenizer=None, *, slots: int = 2, search=None):
+    """A ConformerEngine over a FastConformerModel (or a LoadedModel) with `slots` slots."""
+    from chorus.asr.conformer.checkpoint import LoadedModel
+    from chorus.asr.conformer.family import ConformerModel
+
+    loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, tokenizer or train_tokenizer(), {}, "")
+    return ConformerModel(loaded, search).make_engine(slots=slots)
+
+
+def conformer_stream(engine, setting, decoder: str = "rnnt", rate: int = 16000, search=None):
+    """One stream with an explicit setting and search (the server picks them from a request)."""
+    from chorus.asr.conformer.family import ConformerStream
+
+    return ConformerStream(engine, setting, decoder, rate, search)
+
+
+def stream_samples(engine, samples, rate, setting, decoder="rnnt", search=None, piece_seconds=0.02):
+    """One recording through the live path, stepped as soon as a chunk is ready; the closed stream."""
+    from chorus.stream.scheduler import run_to_end, step_ready
+
+    stream = conformer_stream(engine, setting, decoder, rate, search)
+    try:
+        piece = max(1, int(piece_seconds * rate))
+        for i in range(0, len(samples), piece):
+            stream.accept_audio(samples[i:i + piece])
+            while stream.ready():
+                step_ready([stream])
+        stream.finish()
+        run_to_end([stream])
+    finally:
+        stream.close()
+    return stream

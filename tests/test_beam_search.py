@@ -7,10 +7,13 @@ from chorus.asr.conformer.beam import BeamConfig, RnntBeamSearch, rnnt_beam_offl
 from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.ngram import NgramLM, estimate_kneser_ney
-from chorus.asr.streams import AsrStream, run_to_end, step_streams, transcribe_samples
-from chorus.asr.transcribe import default_lm_path, default_model_path, make_search
+from chorus.asr.conformer.family import BUNDLED_LM, make_search
+from chorus.asr.families import default_model_path
+from chorus.stream.contract import UnsupportedOption
+from chorus.stream.scheduler import run_to_end, step_ready
 from chorus.stream.chunking import whole_utterance_chunks
-from factories import MULTI_LOOKAHEAD, TEXT, random_mel, tiny_model, train_tokenizer
+from factories import (MULTI_LOOKAHEAD, TEXT, conformer_engine, conformer_stream, random_mel, stream_samples,
+                       tiny_model, train_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +72,15 @@ def test_law1_streaming_beam_equals_offline_beam(model, lm, context, kind, frame
 
 def test_law2_beam_streams_batched_equal_alone(model, tokenizer, lm):
     """Audio streams with beam search (with and without LM) and a greedy one, stepped together."""
-    engine = ConformerStreamer(model, slots=4)
+    engine = conformer_engine(model, tokenizer, slots=4)
     by_kind = searches(model, lm)
     kinds = ["beam4", "beam4+lm", None, "beam4+lm"]
     rng = np.random.default_rng(7)
     clips = [(rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32) for s in (1.3, 0.8, 1.6, 2.1)]
-    setting = engine.setting((70, 6))
-    alone = [transcribe_samples(engine, tokenizer, c, 16000, setting, "rnnt", search=by_kind.get(k)).hypothesis.ids
+    setting = engine.streamer.setting((70, 6))
+    alone = [stream_samples(engine, c, 16000, setting, "rnnt", search=by_kind.get(k)).hypothesis.ids
              for c, k in zip(clips, kinds)]
-    streams = [AsrStream(engine, tokenizer, setting, "rnnt", 16000, by_kind.get(k)) for k in kinds]
+    streams = [conformer_stream(engine, setting, "rnnt", 16000, by_kind.get(k)) for k in kinds]
     sizes = []
     try:
         for i in range(0, 40000, 480):
@@ -88,7 +91,7 @@ def test_law2_beam_streams_batched_equal_alone(model, tokenizer, lm):
                     if i - start + 480 >= len(c):
                         s.finish()
             if i % 4800 == 0:  # step every 0.3 s, so that streams queue up chunks and batch
-                sizes.append(len(step_streams(streams)))
+                sizes.append(len(step_ready(streams)))
         run_to_end(streams)
     finally:
         for s in streams:
@@ -128,14 +131,14 @@ def test_streams_that_search_alike_advance_in_one_call(model, tokenizer, lm, mon
     original = RnntBeamSearch.advance_many
     monkeypatch.setattr(RnntBeamSearch, "advance_many",
                         lambda self, beams, *rest: calls.append(len(beams)) or original(self, beams, *rest))
-    engine = ConformerStreamer(model, slots=len(kinds))
-    setting = engine.setting((70, 6))
-    streams = [AsrStream(engine, tokenizer, setting, "rnnt", 16000, k) for k in kinds]
+    engine = conformer_engine(model, tokenizer, slots=len(kinds))
+    setting = engine.streamer.setting((70, 6))
+    streams = [conformer_stream(engine, setting, "rnnt", 16000, k) for k in kinds]
     try:
         audio = (np.random.default_rng(4).standard_normal(16000) * 0.1).astype(np.float32)
         for s in streams:
             s.accept_audio(audio)
-        step_streams(streams)
+        step_ready(streams)
     finally:
         for s in streams:
             s.close()
@@ -194,16 +197,16 @@ def test_a_wider_beam_finds_a_better_scoring_hypothesis(model):
 
 def test_stream_revisions_and_next_utterance(model, tokenizer, lm):
     """The tokens `apply` reports as new are exactly the change from the previous best hypothesis."""
-    engine = ConformerStreamer(model, slots=1)
+    engine = conformer_engine(model, tokenizer, slots=1)
     search = searches(model, lm)["beam4+lm"]
-    stream = AsrStream(engine, tokenizer, engine.setting((70, 0)), "rnnt", 16000, search)
+    stream = conformer_stream(engine, engine.streamer.setting((70, 0)), "rnnt", 16000, search)
     audio = (np.random.default_rng(2).standard_normal(16000 * 2) * 0.1).astype(np.float32)
     try:
         stream.accept_audio(audio)
         stream.finish()
         previous = []
         while stream.ready():
-            (_, new), = step_streams([stream])
+            (_, new), = step_ready([stream])
             now = stream.hypothesis.tokens
             assert now[len(now) - len(new):] == new and now[:len(now) - len(new)] == previous[:len(now) - len(new)]
             previous = list(now)
@@ -215,10 +218,10 @@ def test_stream_revisions_and_next_utterance(model, tokenizer, lm):
 
 
 def test_beam_config_and_decoder_checks(model, tokenizer):
-    engine = ConformerStreamer(model, slots=1)
+    engine = conformer_engine(model, tokenizer, slots=1)
     search = RnntBeamSearch(model.joint, model.decoder)
-    with pytest.raises(ValueError, match="rnnt decoder only"):
-        AsrStream(engine, tokenizer, engine.setting((70, 6)), "ctc", 16000, search)
+    with pytest.raises(UnsupportedOption, match="rnnt decoder only"):
+        conformer_stream(engine, engine.streamer.setting((70, 6)), "ctc", 16000, search)
     for bad in (dict(beam_size=0), dict(beam_size=65), dict(lm_weight=-1.0), dict(length_bonus=float("nan"))):
         with pytest.raises(ValueError):
             BeamConfig(**bad)
@@ -246,7 +249,7 @@ def test_make_search_defaults(model_path, tmp_path, tokenizer):
 @pytest.fixture(scope="module")
 def bundled():
     """The shipped model with its default decoding (beam 8 + bundled LM), and the bundled sample."""
-    if not default_lm_path().exists():
+    if not BUNDLED_LM.exists():
         pytest.skip("the bundled LM is not in this checkout")
     from chorus.codecs import read_audio
 
@@ -263,18 +266,17 @@ def test_the_bundled_model_decodes_with_its_bundled_lm(bundled):
     # `--beam 1` (greedy, as the README and the server docs offer) leaves the bundled LM out instead of failing
     assert make_search(loaded, beam_size=1) is None
     with pytest.raises(ValueError, match="needs beam search"):
-        make_search(loaded, beam_size=1, lm=str(default_lm_path()))
+        make_search(loaded, beam_size=1, lm=str(BUNDLED_LM))
 
 
 def test_bundled_model_beam_law1_every_lookahead(bundled):
     """Trained weights and the real LM: the sample streamed in 20 ms pieces equals one offline pass."""
     loaded, search, audio, rate = bundled
     model = loaded.model
-    engine = ConformerStreamer(model, slots=1)
+    engine = conformer_engine(loaded, slots=1)
     mel = model.frontend.offline(audio)
     for context in model.spec.encoder.att_context_size:
-        streamed = transcribe_samples(engine, loaded.tokenizer, audio, rate, engine.setting(context), "rnnt",
-                                      search=search)
+        streamed = stream_samples(engine, audio, rate, engine.streamer.setting(context), "rnnt", search=search)
         encoded, length = model.encoder(mel[None], torch.tensor([mel.shape[1]]), context)
         assert streamed.hypothesis.ids == rnnt_beam_offline(search, encoded, length)[0], context
         assert len(streamed.hypothesis.ids) > 10
@@ -283,12 +285,12 @@ def test_bundled_model_beam_law1_every_lookahead(bundled):
 def test_bundled_model_beam_law2_batched_equals_alone(bundled):
     """The sample and a shorter copy starting 0.7 s later, stepped together, equal each stepped alone."""
     loaded, search, audio, rate = bundled
-    engine = ConformerStreamer(loaded.model, slots=2)
-    setting = engine.setting((70, 6))
+    engine = conformer_engine(loaded, slots=2)
+    setting = engine.streamer.setting((70, 6))
     clips = [audio, audio[rate // 3: 3 * rate]]
-    alone = [transcribe_samples(engine, loaded.tokenizer, c, rate, setting, "rnnt", search=search).hypothesis.ids
+    alone = [stream_samples(engine, c, rate, setting, "rnnt", search=search).hypothesis.ids
              for c in clips]
-    streams = [AsrStream(engine, loaded.tokenizer, setting, "rnnt", rate, search) for _ in clips]
+    streams = [conformer_stream(engine, setting, "rnnt", rate, search) for _ in clips]
     piece, delay, together = rate // 50, int(0.7 * rate), 0
     try:
         for i in range(0, len(audio) + delay, piece):
@@ -298,7 +300,7 @@ def test_bundled_model_beam_law2_batched_equals_alone(bundled):
                     if i - start + piece >= len(c):
                         s.finish()
             if (i // piece) % 15 == 0:  # step every 0.3 s, so both streams have chunks waiting
-                together += len(step_streams(streams)) == 2
+                together += len(step_ready(streams)) == 2
         run_to_end(streams)
     finally:
         for s in streams:

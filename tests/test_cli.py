@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 
 from chorus import cli
-from chorus.asr import transcribe
+from chorus.asr import families
+from chorus.asr.conformer import family
 
 
 @pytest.fixture
@@ -18,8 +19,8 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(transcribe, "load_model", refuse)
-    monkeypatch.setattr(transcribe, "load_fastconformer", refuse)
+    monkeypatch.setattr(families, "load_model", refuse)
+    monkeypatch.setattr(family, "load_fastconformer", refuse)
 
 
 @pytest.fixture

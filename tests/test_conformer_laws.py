@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.streams import AsrStream, run_to_end, step_streams, transcribe_samples
+from chorus.stream.scheduler import run_to_end, step_ready
 from chorus.stream.chunking import FrameChunker, whole_utterance_chunks
-from factories import MULTI_LOOKAHEAD, random_mel, tiny_model, train_tokenizer
+from factories import (MULTI_LOOKAHEAD, conformer_engine, conformer_stream, random_mel, stream_samples, tiny_model,
+                       train_tokenizer)
 
 TOL = 1e-4
 
@@ -149,27 +150,25 @@ def test_batched_offline_forward_masks_padding(model):
 
 def test_audio_stream_equals_offline_features_and_model(model):
     """From raw audio at 8 kHz through resampling, online features and chunks, to tokens."""
-    tokenizer = train_tokenizer()
-    engine = ConformerStreamer(model, slots=2)
+    engine = conformer_engine(model, train_tokenizer(), slots=2)
     rng = np.random.default_rng(3)
     audio = (rng.standard_normal(8000 * 3) * 0.1).astype(np.float32)
-    setting = engine.setting((70, 6))
-    stream = transcribe_samples(engine, tokenizer, audio, 8000, setting, "rnnt")
+    setting = engine.streamer.setting((70, 6))
+    stream = stream_samples(engine, audio, 8000, setting, "rnnt")
     from chorus.codecs.resample import resample
     mel = model.frontend.offline(resample(audio, 8000, 16000))
     _, tokens = offline(model, mel, (70, 6), "rnnt")
     assert stream.hypothesis.ids == tokens
-    assert stream.slot is None
+    assert stream.closed and engine.pool.used == 0
 
 
-def test_many_audio_streams_through_step_streams(model):
-    tokenizer = train_tokenizer()
-    engine = ConformerStreamer(model, slots=4)
+def test_many_audio_streams_through_step_ready(model):
+    engine = conformer_engine(model, train_tokenizer(), slots=4)
+    setting = engine.streamer.setting((70, 1))
     rng = np.random.default_rng(4)
     clips = [(rng.standard_normal(int(16000 * s)) * 0.1).astype(np.float32) for s in (0.9, 1.4, 0.4, 1.9)]
-    alone = [transcribe_samples(engine, tokenizer, c, 16000, engine.setting((70, 1)), "ctc").hypothesis.ids
-             for c in clips]
-    streams = [AsrStream(engine, tokenizer, engine.setting((70, 1)), "ctc", 16000) for _ in clips]
+    alone = [stream_samples(engine, c, 16000, setting, "ctc").hypothesis.ids for c in clips]
+    streams = [conformer_stream(engine, setting, "ctc", 16000) for _ in clips]
     try:
         for i in range(0, 32000, 320):
             for s, c in zip(streams, clips):
@@ -177,7 +176,7 @@ def test_many_audio_streams_through_step_streams(model):
                     s.accept_audio(c[i:i + 320])
                     if i + 320 >= len(c):
                         s.finish()
-            step_streams(streams)
+            step_ready(streams)
         run_to_end(streams)
     finally:
         for s in streams:
@@ -207,7 +206,7 @@ def test_encoder_only_step_matches_the_full_step(model):
 def bundled():
     """The shipped default model (trained weights) and the log-mel of the bundled sample."""
     from chorus.asr.conformer.checkpoint import load_fastconformer
-    from chorus.asr.transcribe import default_model_path
+    from chorus.asr.families import default_model_path
     from chorus.codecs import read_audio
 
     loaded = load_fastconformer(default_model_path())

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from chorus.asr.conformer.checkpoint import LoadedModel
-from chorus.asr.streams import step_streams
+from chorus.asr.conformer.family import ConformerModel
+from chorus.stream.scheduler import step_ready
 from chorus.server.asr_session import AsrSession
 from chorus.server.protocol import StartRequest
 from chorus.server.registry import ModelRegistry
@@ -58,11 +59,11 @@ def test_bad_endpoint_settings(value, error):
 def test_hours_long_stream_is_bounded():
     """Twenty minutes of audio through one session: buffers and hypothesis stay bounded."""
     registry = ModelRegistry()
-    entry = registry.add("m", LoadedModel(tiny_model(seed=7), train_tokenizer(), {}, ""), slots=1)
+    entry = registry.add("m", ConformerModel(LoadedModel(tiny_model(seed=7), train_tokenizer(), {}, "")), slots=1)
     messages = []
     request = StartRequest(model=None, sample_rate=8000, encoding="pcm_s16le", lookahead_ms=1040,
-                           endpointing=EndpointConfig(max_utterance_ms=5000))
-    session = AsrSession("s", request, entry, "ctc", 1040, messages.append)
+                           decoder="ctc", endpointing=EndpointConfig(max_utterance_ms=5000))
+    session = AsrSession("s", request, entry, messages.append)
     session.open()
     rng = np.random.default_rng(0)
     sizes = []
@@ -73,7 +74,7 @@ def test_hours_long_stream_is_bounded():
                 session.push_audio(audio[i:i + 16000])
                 session.pull_audio()
                 while session.stream.ready():
-                    for _, tokens in step_streams([session.stream]):
+                    for _, tokens in step_ready([session.stream]):
                         session.after_step(tokens)
             st = session.stream
             sizes.append((len(st.hypothesis.tokens), st.features._buffer.numel(), st.chunker.pending))

@@ -11,9 +11,10 @@ import soundfile as sf
 from chorus import cli
 
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
-from chorus.asr.conformer.streaming import ConformerStreamer
+from chorus.asr.conformer.family import ConformerModel
 from chorus.asr.textnorm import normalize_text
 from chorus.asr.transcribe import transcribe_files
+from chorus.stream.contract import StreamRequest
 from factories import tiny_model, train_tokenizer
 
 
@@ -28,9 +29,9 @@ def test_eval_scores_what_transcribe_produces(tmp_path):
         sf.write(path, (rng.standard_normal(16000 + 4000 * i) * 0.1).astype(np.float32), 16000)
         files.append(path)
     loaded = load_fastconformer(model_path)
-    engine = ConformerStreamer(loaded.model, slots=4)
-    hyps = {la: [normalize_text(r.text) for r in transcribe_files(loaded, engine, [str(f) for f in files],
-                                                                   lookahead_ms=la, decoder="ctc")]
+    engine = ConformerModel(loaded).make_engine(slots=4)
+    hyps = {la: [normalize_text(r.text) for r in transcribe_files(engine, [str(f) for f in files],
+                                                                   StreamRequest(lookahead_ms=la, decoder="ctc"))]
             for la in (0, 480)}
     assert all(hyps[0]) and all(hyps[480])
     # refs: the 480 ms hypothesis for clips 0 and 1 (exact), something else for clip 2
@@ -55,7 +56,7 @@ def test_eval_scores_what_transcribe_produces(tmp_path):
 def test_transcribe_and_eval_with_beam_search_and_an_lm(tmp_path):
     """`--beam/--lm` reach the streaming path; a bad LM file is one clear error line."""
     from chorus.asr.ngram import estimate_kneser_ney, write_arpa
-    from chorus.asr.transcribe import make_search
+    from chorus.asr.conformer.family import make_search
     from factories import TEXT
 
     tokenizer = train_tokenizer(32)
@@ -67,8 +68,8 @@ def test_transcribe_and_eval_with_beam_search_and_an_lm(tmp_path):
     sf.write(clip, (np.random.default_rng(3).standard_normal(24000) * 0.1).astype(np.float32), 16000)
     loaded = load_fastconformer(model_path)
     search = make_search(loaded, beam_size=4, lm=str(arpa), length_bonus=4.0)
-    expected, = transcribe_files(loaded, ConformerStreamer(loaded.model, slots=1), [str(clip)], lookahead_ms=480,
-                                 decoder="rnnt", search=search)
+    expected, = transcribe_files(ConformerModel(loaded, search).make_engine(slots=1), [str(clip)],
+                                 StreamRequest(lookahead_ms=480, decoder="rnnt"))
     assert expected.decoder == "rnnt beam 4 + lm" and expected.text
 
     def cli(*args):
@@ -104,9 +105,9 @@ def test_the_same_file_twice_gives_two_results(tmp_path):
     clip = tmp_path / "clip.wav"
     sf.write(clip, (np.random.default_rng(4).standard_normal(20000) * 0.1).astype(np.float32), 16000)
     loaded = load_fastconformer(model_path)
-    engine = ConformerStreamer(loaded.model, slots=3)
+    engine = ConformerModel(loaded).make_engine(slots=3)
     files = [str(clip), str(tmp_path / "missing.wav"), str(clip), str(clip)]
-    results = list(transcribe_files(loaded, engine, files, lookahead_ms=480, decoder="rnnt", concurrency=3))
+    results = list(transcribe_files(engine, files, StreamRequest(lookahead_ms=480, decoder="rnnt"), concurrency=3))
     assert [r.file for r in results] == files
     assert results[1].error and not results[0].error
     assert results[0].text == results[2].text == results[3].text and results[0].tokens
@@ -115,13 +116,14 @@ def test_the_same_file_twice_gives_two_results(tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model is an error: whatever reaches it was not refused before the model was loaded."""
-    from chorus.asr import transcribe
+    from chorus.asr import families
+    from chorus.asr.conformer import family
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(transcribe, "load_model", refuse)
-    monkeypatch.setattr(transcribe, "load_fastconformer", refuse)
+    monkeypatch.setattr(families, "load_model", refuse)
+    monkeypatch.setattr(family, "load_fastconformer", refuse)
 
 
 @pytest.mark.parametrize("line, message", [

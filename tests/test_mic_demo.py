@@ -12,8 +12,9 @@ import pytest
 import soundfile as sf
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
-from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.transcribe import make_search, transcribe_files
+from chorus.asr.conformer.family import ConformerModel, make_search
+from chorus.asr.transcribe import transcribe_files
+from chorus.stream.contract import StreamRequest
 from chorus.server.app import ServerConfig
 from chorus.server.registry import ModelRegistry
 from test_server import ServerThread
@@ -26,7 +27,7 @@ FINAL_LINE = re.compile(r"^\[\s*(\d+\.\d\d) -\s*(\d+\.\d\d)\] (.+)$")
 @pytest.fixture(scope="module")
 def server(model_path):
     registry = ModelRegistry()
-    registry.add("default", load_fastconformer(model_path), slots=4)
+    registry.add("default", ConformerModel(load_fastconformer(model_path)), slots=4)
     srv = ServerThread(registry, ServerConfig(port=0, auth_tokens=(TOKEN,), batch_wait_ms=5))
     yield srv
     srv.stop()
@@ -50,9 +51,8 @@ def run_mic(server, *args, timeout=60):
 @pytest.mark.parametrize("decoder, lookahead, beam", [("ctc", 80, None), ("rnnt", 480, None), ("rnnt", 480, 4)])
 def test_mic_file_prints_what_the_server_transcribes(server, model_path, clip, decoder, lookahead, beam):
     loaded = load_fastconformer(model_path)
-    engine = ConformerStreamer(loaded.model, slots=1)
-    [expected] = transcribe_files(loaded, engine, [str(clip)], lookahead_ms=lookahead, decoder=decoder,
-                                  search=make_search(loaded, beam_size=beam))
+    engine = ConformerModel(loaded, make_search(loaded, beam_size=beam)).make_engine(slots=1)
+    [expected] = transcribe_files(engine, [str(clip)], StreamRequest(lookahead_ms=lookahead, decoder=decoder))
     assert expected.text.strip(), "the tiny model should hear something in the noise"
 
     proc = run_mic(server, "--token", TOKEN, "--file", str(clip), "--speed", "4", "--decoder", decoder,

@@ -15,11 +15,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
-from chorus.asr.conformer.streaming import ConformerStreamer
-from chorus.asr.transcribe import make_search, transcribe_files
+from chorus.asr.conformer.family import ConformerModel, make_search
+from chorus.asr.transcribe import transcribe_files
 from chorus.codecs import encode
 from chorus.server.app import AsrServer, ServerConfig
 from chorus.server.registry import ModelRegistry
+from chorus.stream.contract import StreamRequest
 
 SLOTS = 20
 
@@ -56,8 +57,8 @@ class ServerThread:
 @pytest.fixture(scope="module")
 def server(model_path):
     registry = ModelRegistry()
-    registry.add("default", load_fastconformer(model_path), slots=SLOTS)
-    registry.add("second", load_fastconformer(model_path), slots=2)
+    registry.add("default", ConformerModel(load_fastconformer(model_path)), slots=SLOTS)
+    registry.add("second", ConformerModel(load_fastconformer(model_path)), slots=2)
     srv = ServerThread(registry, ServerConfig(port=0, max_frame_bytes=64 * 1024, idle_timeout=2.0,
                                               batch_wait_ms=5))
     yield srv
@@ -147,9 +148,9 @@ def test_sixteen_clients_match_chorus_transcribe(server, model_path, tmp_path):
         data = raw.astype("<f4").tobytes() if encoding == "pcm_f32le" else encode(raw, encoding)
         clips.append((path, rate, encoding, data))
     loaded = load_fastconformer(model_path)
-    engine = ConformerStreamer(loaded.model, slots=16)
-    expected = {str(r.file): r.text for r in transcribe_files(loaded, engine, [str(c[0]) for c in clips],
-                                                              lookahead_ms=80, decoder="ctc")}
+    engine = ConformerModel(loaded).make_engine(slots=16)
+    expected = {str(r.file): r.text for r in transcribe_files(engine, [str(c[0]) for c in clips],
+                                                              StreamRequest(lookahead_ms=80, decoder="ctc"))}
 
     async def all_clients():
         return await asyncio.gather(*[
@@ -181,11 +182,10 @@ def test_beam_search_clients_match_chorus_transcribe(server, model_path, tmp_pat
         paths.append(tmp_path / f"beam{i}.wav")
         _write_clip(paths[-1], 1.1 + 0.4 * i, 16000, "PCM_16", seed=40 + i)
     loaded = load_fastconformer(model_path)
-    engine = ConformerStreamer(loaded.model, slots=3)
     expected = {}
     for beam in (1, 4):
-        results = transcribe_files(loaded, engine, [str(p) for p in paths], lookahead_ms=480, decoder="rnnt",
-                                   search=make_search(loaded, beam_size=beam))
+        engine = ConformerModel(loaded, make_search(loaded, beam_size=beam)).make_engine(slots=3)
+        results = transcribe_files(engine, [str(p) for p in paths], StreamRequest(lookahead_ms=480, decoder="rnnt"))
         expected[beam] = [r.text.strip() for r in results]
     assert expected[1] != expected[4]
 
@@ -366,7 +366,7 @@ def test_overload_answers_1013_and_existing_streams_go_on(server):
 
 def test_auth_and_origins(model_path):
     registry = ModelRegistry()
-    registry.add("default", load_fastconformer(model_path), slots=2)
+    registry.add("default", ConformerModel(load_fastconformer(model_path)), slots=2)
     srv = ServerThread(registry, ServerConfig(port=0, auth_tokens=("s3cret",),
                                               allowed_origins=("https://app.example",)))
     try:
@@ -400,7 +400,7 @@ def test_tls(model_path, tmp_path):
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     registry = ModelRegistry()
-    registry.add("default", load_fastconformer(model_path), slots=1)
+    registry.add("default", ConformerModel(load_fastconformer(model_path)), slots=1)
     srv = ServerThread(registry, ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key)))
     try:
         context = ssl.create_default_context(cafile=str(cert))

@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chorus.asr.conformer.checkpoint import load_fastconformer
+from chorus.asr.conformer.family import ConformerModel
 from chorus.codecs import encode
 from chorus.server.app import ServerConfig
 from chorus.server.asr_session import AsrSession
@@ -36,7 +37,7 @@ def make_server(model_path):
 
     def make(slots=4, **config):
         registry = ModelRegistry()
-        registry.add("default", load_fastconformer(model_path), slots=slots)
+        registry.add("default", ConformerModel(load_fastconformer(model_path)), slots=slots)
         servers.append(ServerThread(registry, ServerConfig(port=0, batch_wait_ms=5, **config)))
         return servers[-1]
 

@@ -31,9 +31,11 @@ from websockets.sync.client import connect
 
 import chorus
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
-from chorus.asr.conformer.streaming import ConformerStreamer
+from chorus.asr.conformer.family import ConformerModel, make_search
+from chorus.asr.families import default_model_path
 from chorus.asr.textnorm import normalize_text
-from chorus.asr.transcribe import default_model_path, make_search, transcribe_files
+from chorus.asr.transcribe import transcribe_files
+from chorus.stream.contract import StreamRequest
 from chorus.codecs import read_audio, resample
 from chorus.server.app import ServerConfig
 from chorus.server.asr_session import AsrSession
@@ -230,7 +232,7 @@ def setup(tmp_path_factory) -> MicSetup:
 def server(setup):
     registry = ModelRegistry()
     loaded = load_fastconformer(setup.model)
-    registry.add("default", loaded, slots=4, search=make_search(loaded))  # the decoding `chorus serve` uses
+    registry.add("default", ConformerModel(loaded, make_search(loaded)), slots=4)  # the decoding `chorus serve` uses
     srv = ServerThread(registry, ServerConfig(port=0, auth_tokens=(TOKEN,), batch_wait_ms=5))
     yield srv
     srv.stop()
@@ -245,9 +247,9 @@ def browser(setup, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ tests
 def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monkeypatch):
-    scheduler = server.server.scheduler
-    audio_before = scheduler.audio_seconds.value("default")
-    streams_before = server.server.streams_total.value("default")
+    metrics = server.server.metrics
+    audio_before = metrics.value("chorus_audio_seconds_total", model="default")
+    streams_before = metrics.value("chorus_streams_total", model="default")
     frames: list[bytes] = []  # the audio as the server received it
     receive = AsrSession.push_audio
 
@@ -284,8 +286,8 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monke
     assert state["partials"] > 0  # interim results were shown on the way
     assert state["finals"].count("\n") + 1 == len(state["finalTexts"])  # one line per utterance, with times
     assert all("–" in line for line in state["finals"].splitlines())
-    assert scheduler.audio_seconds.value("default") - audio_before >= setup.send_seconds * 0.9
-    assert server.server.streams_total.value("default") == streams_before + 1
+    assert metrics.value("chorus_audio_seconds_total", model="default") - audio_before >= setup.send_seconds * 0.9
+    assert metrics.value("chorus_streams_total", model="default") == streams_before + 1
 
     # The microphone -> worklet -> WebSocket path delivered the clip whole (no gaps, no rate slip),
     received = np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768
@@ -296,9 +298,9 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monke
     sent = tmp_path / "received.wav"
     sf.write(sent, received, state["sampleRate"], subtype="PCM_16")
     entry = server.server.registry.get("default")
-    offline = next(iter(transcribe_files(entry.loaded, ConformerStreamer(entry.loaded.model, slots=1), [str(sent)],
-                                         lookahead_ms=ready["lookahead_ms"], decoder=ready["decoder"],
-                                         search=entry.search)))
+    offline = next(iter(transcribe_files(entry.model.make_engine(slots=1), [str(sent)],
+                                         StreamRequest(lookahead_ms=ready["lookahead_ms"], decoder=ready["decoder"],
+                                                       beam_size=ready["beam_size"]))))
     assert normalize_text(text).split() == normalize_text(offline.text).split(), (text, offline.text)
     if setup.reference is not None and word_recall(setup.reference, text) < 0.9:
         # How well the bundled model hears the sample is issue #4's measure (chorus eval), not the page's.

@@ -11,14 +11,27 @@ so `chorus eval` can refuse a bad manifest before it loads a model.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conformer.beam import RnntBeamSearch
-from .conformer.checkpoint import LoadedModel
-from .conformer.streaming import ConformerStreamer
+from ..stream.contract import Engine, StreamRequest
 from .textnorm import normalize_text
 from .transcribe import check_input_file, transcribe_files
+
+
+CJK = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+
+
+def normalize_for_scoring(text: str) -> str:
+    """`normalize_text` for English; Chinese characters (which it would drop) are kept, one "word"
+    each, so that a WER over Chinese text is its character error rate (as FunASR scores it)."""
+    if not CJK.search(text):
+        return normalize_text(text)
+    words = []
+    for part in CJK.split(text):
+        words += [part] if CJK.fullmatch(part) else normalize_text(part).split()
+    return " ".join(words)
 
 
 @dataclass
@@ -85,24 +98,21 @@ def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
     return [row for _, row in _manifest_rows(path, limit)]
 
 
-def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str | Path, *,
-                   lookahead_ms: int | None, decoder: str | None, limit: int | None = None,
-                   concurrency: int = 16, progress=None, search: RnntBeamSearch | None = None) -> Score:
+def score_manifest(engine: Engine, manifest: str | Path, request: StreamRequest = StreamRequest(), *,
+                   limit: int | None = None, concurrency: int = 16, progress=None) -> Score:
+    """Stream every utterance of a manifest through the live path (any family) and score it."""
     import jiwer
 
     numbered = _manifest_rows(manifest, limit)
     rows = [row for _, row in numbered]
     refs, hyps, worst, seconds = [], [], [], 0.0
-    setting = engine.setting_for_lookahead(lookahead_ms)
-    decoder = decoder or loaded.model.default_decoder
-    label = decoder
-    for (number, row), result in zip(numbered, transcribe_files(loaded, engine, [r["audio_filepath"] for r in rows],
-                                                  lookahead_ms=setting.lookahead_ms, decoder=decoder,
-                                                  concurrency=concurrency, search=search)):
-        label = result.decoder
+    label, lookahead_ms = request.decoder or "", request.lookahead_ms
+    results = transcribe_files(engine, [r["audio_filepath"] for r in rows], request, concurrency=concurrency)
+    for (number, row), result in zip(numbered, results):
+        label, lookahead_ms = result.decoder, result.lookahead_ms
         if result.error:
             raise ManifestError(f"{manifest} line {number}: audio file {row['audio_filepath']}: {result.error}")
-        ref, hyp = normalize_text(row["text"]), normalize_text(result.text)
+        ref, hyp = normalize_for_scoring(row["text"]), normalize_for_scoring(result.text)
         refs.append(ref)
         hyps.append(hyp)
         seconds += result.duration
@@ -113,5 +123,5 @@ def score_manifest(loaded: LoadedModel, engine: ConformerStreamer, manifest: str
             progress(1)
     worst.sort(key=lambda w: -w["wer"])
     exact = sum(r == h for r, h in zip(refs, hyps)) / max(1, len(refs))
-    return Score(str(manifest), setting.lookahead_ms, label, len(rows), jiwer.wer(refs, hyps),
+    return Score(str(manifest), lookahead_ms, label, len(rows), jiwer.wer(refs, hyps),
                  jiwer.cer(refs, hyps), seconds, exact, worst[:10])

@@ -34,7 +34,7 @@ from .asr_session import AsrSession
 from .metrics import ServerMetrics
 from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
 from .registry import ModelRegistry
-from .scheduler import Scheduler
+from ..stream.scheduler import Scheduler
 
 log = logging.getLogger("chorus.server")
 WEB_ROOT = Path(__file__).resolve().parent / "web"  # the browser demo; demos/web links here
@@ -66,8 +66,11 @@ class AsrServer:
         self.registry = registry
         self.config = config or ServerConfig()
         self.metrics = ServerMetrics()
-        self.scheduler = Scheduler(self.metrics, batch_wait_ms=self.config.batch_wait_ms,
-                                   max_batch=self.config.max_batch, on_failure=self._on_session_failure)
+        self.scheduler = Scheduler(
+            batch_wait_ms=self.config.batch_wait_ms, max_batch=self.config.max_batch,
+            on_step=lambda model, size, seconds: (self.metrics.batch_sizes.labels(model).observe(size),
+                                                  self.metrics.step_seconds.labels(model).observe(seconds)),
+            on_audio=lambda session, seconds: self.metrics.audio_seconds.labels(session.entry.name).inc(seconds))
         self._ids = itertools.count(1)
         self.connections = 0
         self._sessions: dict[str, tuple[AsrSession, "_Outbox"]] = {}
@@ -310,49 +313,34 @@ class AsrServer:
         entry = self.registry.get(req.model)
         if entry is None:
             raise ProtocolError("unknown_model", f"unknown model {req.model!r}; available: {self.registry.names()}")
-        model = entry.loaded.model
-        decoder = req.decoder or model.default_decoder
-        if decoder not in model.decoders:
-            raise ProtocolError("unsupported_option", f"decoder {decoder!r} not offered; use {list(model.decoders)}")
-        try:
-            setting = entry.engine.setting_for_lookahead(req.lookahead_ms)
-        except ValueError as exc:
-            raise ProtocolError("unsupported_option", str(exc)) from None
-        if req.beam_size not in (None, 1) and decoder != "rnnt":
-            raise ProtocolError("unsupported_option", "beam_size above 1 needs the rnnt decoder")
-        search = entry.search_for(req.beam_size) if decoder == "rnnt" else None
         stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
-        session = AsrSession(stream_id, req, entry, decoder, setting.lookahead_ms, outbox.post_threadsafe(self.loop),
-                             search, max_backlog_seconds=self.config.max_buffered_seconds)
+        session = AsrSession(stream_id, req, entry, outbox.post_threadsafe(self.loop), self._on_session_failure,
+                             max_backlog_seconds=self.config.max_buffered_seconds)
         opened = self.loop.create_future()
 
         def open_on_thread():
             try:
                 session.open()
-            except PoolExhausted:
-                self.loop.call_soon_threadsafe(_settle, opened, False)
-                return
             except Exception as exc:  # noqa: BLE001 - reported to the client
                 self.loop.call_soon_threadsafe(_settle, opened, exc)
                 return
-            self.scheduler.sessions.add(session)
-            self.loop.call_soon_threadsafe(_settle, opened, True)
+            self.scheduler.add(session)
+            self.loop.call_soon_threadsafe(_settle, opened, None)
 
         self.scheduler.submit(open_on_thread)
-        result = await opened
-        if result is False:
+        error = await opened
+        if isinstance(error, PoolExhausted):
             raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of model "
                                               f"{entry.name!r} are busy; try again later")
-        if isinstance(result, Exception):
-            raise ProtocolError("internal", f"could not open the stream: {result}")
+        if isinstance(error, ProtocolError):
+            raise error
+        if error is not None:
+            raise ProtocolError("internal", f"could not open the stream: {type(error).__name__}")
         self._sessions[stream_id] = (session, outbox)
         self.metrics.streams.labels(entry.name).inc()
         outbox.send({"type": "ready", "protocol": PROTOCOL, "stream_id": stream_id, "model": entry.name,
-                     "sample_rate": req.sample_rate, "encoding": req.encoding, "decoder": decoder,
-                     "beam_size": search.config.beam_size if search is not None else 1,
-                     "lm": search is not None and search.lm is not None,
-                     "lookahead_ms": setting.lookahead_ms, "chunk_ms": setting.chunk_ms,
-                     "interim_results": req.interim_results, "word_times": req.word_times,
+                     "family": entry.model.family, "sample_rate": req.sample_rate, "encoding": req.encoding,
+                     **session.settings, "interim_results": req.interim_results, "word_times": req.word_times,
                      "endpointing": req.endpointing.as_json()})
         return session
 
@@ -365,7 +353,7 @@ class AsrServer:
     def _drop(self, session: AsrSession) -> None:
         """On the inference thread: the connection is gone; return the slot."""
         session.close()
-        self.scheduler.sessions.discard(session)
+        self.scheduler.discard(session)
 
     def _on_session_failure(self, session: AsrSession, error: ProtocolError) -> None:
         """On the inference thread: a stream failed (bad audio, model error)."""

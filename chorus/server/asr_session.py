@@ -1,8 +1,9 @@
-"""One transcription stream on the server.
+"""One transcription stream on the server: a job of the scheduler (chorus/stream/scheduler.py).
 
 The event loop only appends raw audio frames to `inbox` and forwards results; everything else
 (decoding bytes, resampling, features, stepping, endpointing) happens on the inference thread,
-which owns `stream`.  Results reach the loop through the `post` callback.
+which owns `stream`.  Results reach the loop through the `post` callback.  The session knows the
+model only through the family contract: any family's stream works here.
 """
 from __future__ import annotations
 
@@ -12,24 +13,25 @@ from typing import Callable
 
 import numpy as np
 
-from ..asr.conformer.beam import RnntBeamSearch
-from ..asr.streams import AsrStream, Token
 from ..codecs import AudioFormatError, bytes_per_sample, decode
+from ..stream.contract import Stream, StreamRequest, Token, UnsupportedOption
 from ..stream.endpointing import Endpointer
+from ..stream.scheduler import StepFailed
 from .protocol import ProtocolError, StartRequest, seconds
 from .registry import ModelEntry
 
 
 class AsrSession:
-    def __init__(self, stream_id: str, request: StartRequest, entry: ModelEntry, decoder: str, lookahead_ms: int,
-                 post: Callable[[dict], None], search: RnntBeamSearch | None = None, max_backlog_seconds: float = 10.0):
+    def __init__(self, stream_id: str, request: StartRequest, entry: ModelEntry, post: Callable[[dict], None],
+                 on_failure: Callable[["AsrSession", ProtocolError], None] = lambda s, e: None,
+                 max_backlog_seconds: float = 10.0):
         self.id = stream_id
         self.request = request
         self.entry = entry
-        self.decoder = decoder
-        self.search = search                # beam search for rnnt (None: greedy)
-        self.setting = entry.engine.setting_for_lookahead(lookahead_ms)
+        self.stream_request = StreamRequest(request.sample_rate, request.lookahead_ms, request.decoder,
+                                            request.beam_size, request.options)
         self.post = post                    # thread-safe: delivers a message to the client
+        self.on_failure = on_failure        # called on the inference thread when the stream fails
         # Audio frames and flush markers, in the order the client sent them.
         self.inbox: collections.deque = collections.deque()
         self._inbox_bytes = 0
@@ -37,11 +39,11 @@ class AsrSession:
         self._lock = threading.Lock()
         self.bytes_per_second = request.sample_rate * bytes_per_sample(request.encoding)
         self.encoded_seconds = 0.0          # audio seconds the model has encoded (set on the inference thread)
-        # What the connection lets the stream hold unencoded: at least two whole chunks, or a small
-        # bound would leave the stream unable to make its next step.
-        self.backlog_limit = max(max_backlog_seconds, 2 * self.setting.chunk_ms / 1000 + 0.25)
+        self.max_backlog_seconds = max_backlog_seconds
+        self.backlog_limit = max_backlog_seconds  # set at open, from the stream's chunk
+        self.settings: dict = {}            # the stream's settings in force (for `ready`)
         # -- owned by the inference thread --------------------------------------------------
-        self.stream: AsrStream | None = None
+        self.stream: Stream | None = None
         self.endpointer: Endpointer | None = None
         self.time_offset = 0.0        # audio seconds of earlier segments (before a `finalize`)
         self.flush: str | None = None  # "finalize" or "stop" while the stream is being flushed
@@ -75,10 +77,37 @@ class AsrSession:
 
     # -- inference thread --------------------------------------------------------------------
     def open(self) -> None:
-        """Take a slot (raises PoolExhausted) and set up the stream."""
-        self.stream = AsrStream(self.entry.engine, self.entry.tokenizer, self.setting, self.decoder,
-                                self.request.sample_rate, self.search)
+        """Take a slot (raises PoolExhausted) and set up the stream (raises ProtocolError for
+        options the model does not offer)."""
+        try:
+            self.stream = self.entry.engine.open(self.stream_request)
+        except UnsupportedOption as exc:
+            raise ProtocolError("unsupported_option", str(exc)) from None
+        self.settings = self.stream.settings
+        # What the connection lets the stream hold unencoded: at least two whole chunks, or a small
+        # bound would leave the stream unable to make its next step.
+        self.backlog_limit = max(self.max_backlog_seconds, 2 * self.settings["chunk_ms"] / 1000 + 0.25)
         self.endpointer = Endpointer(self.request.endpointing, self.stream.frame_seconds * 1000)
+
+    # -- the scheduler's job -----------------------------------------------------------------
+    def feed(self) -> float:
+        return self.pull_audio() / self.bytes_per_second
+
+    def on_tokens(self, tokens: list[Token]) -> None:
+        self.after_step(tokens)
+        self.finish_flush_if_done()
+
+    def after_round(self) -> None:
+        if self.flush is not None and self.stream is not None and not self.stream.ready():
+            self.finish_flush_if_done()  # a flushed stream with nothing left to encode
+
+    def fail(self, error: Exception) -> None:
+        self.close()
+        if isinstance(error, StepFailed):
+            error = ProtocolError("internal", str(error))
+        elif not isinstance(error, ProtocolError):  # the type only: no server internals to the client
+            error = ProtocolError("internal", f"result handling failed: {type(error).__name__}")
+        self.on_failure(self, error)
 
     def pull_audio(self) -> int:
         """Decode and feed the inbox until the next chunk is ready (or up to a flush marker);
@@ -157,7 +186,7 @@ class AsrSession:
 
     # -- results -----------------------------------------------------------------------------
     def _text(self) -> str:
-        return self.stream.tokenizer.decode(self.stream.hypothesis.ids).strip()
+        return self.stream.text.strip()
 
     def _emit_final(self, reason: str, always: bool = False) -> None:
         self.stream.settle_utterance()

@@ -69,10 +69,11 @@ class StartRequest:
     interim_results: bool = True
     word_times: bool = False
     endpointing: EndpointConfig = field(default_factory=EndpointConfig)
+    options: dict = field(default_factory=dict)  # family-specific settings (see /models), checked by the model
 
 
 _START_FIELDS = {"type", "model", "sample_rate", "encoding", "lookahead_ms", "decoder", "beam_size",
-                 "interim_results", "word_times", "endpointing"}
+                 "interim_results", "word_times", "endpointing", "options"}
 
 
 def _non_finite(literal: str):
@@ -139,10 +140,11 @@ def parse_start(msg: dict) -> StartRequest:
         endpointing = EndpointConfig.from_message(msg.get("endpointing"))
     except (ValueError, TypeError) as exc:
         raise ProtocolError("bad_message", f"start.endpointing: {exc}") from None
+    options = typed("options", (dict,), {}) or {}
     return StartRequest(
         model=model, sample_rate=rate, encoding=encoding, lookahead_ms=typed("lookahead_ms", (int,), None),
         decoder=decoder, beam_size=beam_size, interim_results=typed("interim_results", (bool,), True),
-        word_times=typed("word_times", (bool,), False), endpointing=endpointing)
+        word_times=typed("word_times", (bool,), False), endpointing=endpointing, options=options)
 
 
 def dumps(msg: dict) -> str:

@@ -1,55 +1,23 @@
-"""Models the server offers, by name.  Client-supplied names are looked up here, never used as paths."""
+"""Models the server offers, by name.  Client-supplied names are looked up here, never used as paths.
+
+An entry holds a loaded model of any family and its engine (slot pool and batched step); the server
+knows them only through the family contract (chorus/stream/contract.py).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import torch
-
-from ..asr.conformer.beam import RnntBeamSearch
-from ..asr.conformer.checkpoint import LoadedModel
-from ..asr.conformer.streaming import ConformerStreamer
-from ..asr.tokenizer import SentencePieceTokenizer
-from ..asr.transcribe import make_search
+from ..stream.contract import Engine, SpeechModel
 
 
 @dataclass
 class ModelEntry:
     name: str
-    loaded: LoadedModel
-    engine: ConformerStreamer
-    search: RnntBeamSearch | None = None  # the default rnnt decoding (None: greedy)
-
-    @property
-    def beam_size(self) -> int:
-        return self.search.config.beam_size if self.search is not None else 1
-
-    def search_for(self, beam_size: int | None) -> RnntBeamSearch | None:
-        """The rnnt decoding a client asked for: the default, greedy (1) or another beam size (with
-        the default's LM, if any)."""
-        if beam_size is None or beam_size == self.beam_size:
-            return self.search
-        if beam_size == 1:
-            return None
-        if self.search is None:
-            return make_search(self.loaded, beam_size=beam_size, lm="none")
-        model = self.loaded.model
-        return RnntBeamSearch(model.joint, model.decoder, replace(self.search.config, beam_size=beam_size),
-                              self.search.lm)
-
-    @property
-    def tokenizer(self) -> SentencePieceTokenizer:
-        return self.loaded.tokenizer
+    model: SpeechModel
+    engine: Engine
 
     def describe(self) -> dict:
-        model = self.loaded.model
-        default = self.engine.setting_for_lookahead(None)
-        settings = sorted(self.engine.settings.values(), key=lambda s: s.lookahead_ms)
-        return {"name": self.name, "decoders": list(model.decoders), "default_decoder": model.default_decoder,
-                "lookahead_ms": [s.lookahead_ms for s in settings],
-                "chunk_ms": {str(s.lookahead_ms): s.chunk_ms for s in settings},
-                "default_lookahead_ms": default.lookahead_ms, "default_beam_size": self.beam_size,
-                "lm": self.search is not None and self.search.lm is not None,
-                "sample_rate": model.spec.mel.sample_rate, "slots": self.engine.pool.capacity}
+        return {"name": self.name, **self.model.describe(), "slots": self.engine.pool.capacity}
 
 
 class ModelRegistry:
@@ -57,12 +25,11 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self.default: str | None = None
 
-    def add(self, name: str, loaded: LoadedModel, *, slots: int | None = None, memory_budget: int | None = None,
-            device: str | torch.device = "cpu", search: RnntBeamSearch | None = None) -> ModelEntry:
+    def add(self, name: str, model: SpeechModel, *, slots: int | None = None,
+            memory_budget: int | None = None) -> ModelEntry:
         if name in self._entries:
             raise ValueError(f"model name {name!r} is registered twice")
-        engine = ConformerStreamer(loaded.model, slots=slots, memory_budget=memory_budget, device=device, name=name)
-        entry = ModelEntry(name, loaded, engine, search)
+        entry = ModelEntry(name, model, model.make_engine(slots=slots, memory_budget=memory_budget, name=name))
         self._entries[name] = entry
         if self.default is None:
             self.default = name

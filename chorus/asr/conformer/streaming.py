@@ -1,6 +1,6 @@
 """Cache-aware streaming of a FastConformer over the shared slot pool.
 
-Per stream, the pool slot holds everything the next chunk needs (DESIGN: FastConformer state):
+Per stream, the pool slot holds everything the next chunk needs (docs/architecture.md, the state runtime):
 the last 9 mel frames for the causal subsampling, per-layer attention-input and conv caches,
 counters, the RNNT predictor state and the last CTC label.  `ConformerStreamer.step` advances
 a batch of streams of one attention-context setting by one chunk: one `index_select` per state
@@ -99,8 +99,13 @@ class ConformerStreamer:
         if slots is None and memory_budget is None:
             slots = 64
         self.pool = SlotPool(name, self.spec, slots=slots, memory_budget=memory_budget, device=self.device)
-        self.settings = {tuple(c): stream_setting(model, tuple(c)) for c in model.spec.encoder.att_context_size}
+        self.settings = self.settings_of(model)
         self._sos = self._sos_state() if model.joint is not None else None
+
+    @staticmethod
+    def settings_of(model: FastConformerModel) -> dict[tuple[int, int], StreamSetting]:
+        """The model's streaming settings, by attention context, in the model's order."""
+        return {tuple(c): stream_setting(model, tuple(c)) for c in model.spec.encoder.att_context_size}
 
     def setting(self, context: tuple[int, int]) -> StreamSetting:
         if tuple(context) not in self.settings:
