@@ -48,6 +48,10 @@ class FrameChunker:
         first = self.consumed == 0
         return (self.plan.first_size, self.plan.first_shift) if first else (self.plan.size, self.plan.shift)
 
+    def frames_needed(self) -> int:
+        """Frames the next step reads."""
+        return self._need()[0]
+
     def ready(self) -> bool:
         size, _ = self._need()
         return self.pending >= size or (self.finished and self.pending > 0)

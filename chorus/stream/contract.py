@@ -122,6 +122,11 @@ class Stream(ABC):
     def ready(self) -> bool:
         """A chunk is ready for the next step."""
 
+    def seconds_to_ready(self) -> float | None:
+        """Seconds of audio (at the model's rate) the stream still needs before its next chunk is
+        ready; None when unknown.  The scheduler uses it to decide whether a batch is worth waiting for."""
+        return None
+
     @property
     @abstractmethod
     def done(self) -> bool:

@@ -12,6 +12,7 @@ the command line runs them inline (`run_round`).  Only this thread touches strea
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -70,14 +71,64 @@ def run_to_end(streams: list[Stream]) -> None:
         step_ready(streams)
 
 
+class StepCost:
+    """What a step of B streams of one group costs, t(B) = fixed + per_stream * B, fitted by least
+    squares over the group's recent steps (one step's fixed part is the weights read and the
+    per-step overhead; the per-stream part is the streams' own compute)."""
+
+    def __init__(self, window: int = 64):
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def add(self, batch: int, seconds: float) -> None:
+        self.samples.append((batch, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        n = len(self.samples)
+        if n < 4:
+            return None
+        mb = sum(b for b, _ in self.samples) / n
+        mt = sum(t for _, t in self.samples) / n
+        var = sum((b - mb) ** 2 for b, _ in self.samples)
+        if var < 1e-9:  # one batch size only: no slope to see; assume a third of it is per stream
+            return 2 * mt / 3, mt / 3 / mb
+        slope = sum((b - mb) * (t - mt) for b, t in self.samples) / var
+        slope = min(max(slope, 0.0), mt / mb)
+        return mt - slope * mb, slope
+
+
+def worth_waiting(ready: int, upcoming: list[float], fixed: float, per_stream: float, max_wait: float,
+                  age: float, budget: float) -> float:
+    """How long to wait before stepping `ready` streams, given when others become ready (`upcoming`,
+    seconds from now, sorted): 0 to step now.
+
+    Stepping now, a stream that becomes ready k-th waits for this step and then needs a step of its
+    own; waiting t_k for it lets it join this one.  That saves each of the k about `fixed - t_k` and
+    costs each of the ready streams `t_k + per_stream * k`; wait for the k with the largest net gain,
+    if any is positive, as long as the oldest ready stream still finishes within `budget`."""
+    best, gain = 0.0, 0.0
+    for k, t in enumerate(upcoming, 1):
+        if t > max_wait or age + t + fixed + per_stream * (ready + k) > budget:
+            break
+        net = k * (fixed - t) - ready * (t + per_stream * k)
+        if net > gain:
+            best, gain = t, net
+    return best
+
+
 class Scheduler:
     def __init__(self, *, batch_wait_ms: float = 0.0, max_batch: int = 64,
                  on_step: Callable[[str, int, float], None] | None = None,
-                 on_audio: Callable[[Job, float], None] | None = None):
-        """batch_wait_ms: how long a round may wait for more streams to become ready when fewer
-        than all active ones are (a bounded wait for the rest of the batch); on_step(model, batch
+                 on_audio: Callable[[Job, float], None] | None = None, latency_share: float = 0.5):
+        """batch_wait_ms: the longest a round may wait for streams about to become ready, so that
+        they join the step instead of waiting for the next one; it waits only when a step-cost model
+        fitted on the run's own steps says the batch is worth it (`worth_waiting`), and never so long
+        that the oldest ready stream would finish later than `latency_share` of its chunk after it
+        became ready.  0 (the command line) steps whatever is ready at once.  on_step(model, batch
         size, seconds) and on_audio(job, seconds) are for metrics."""
         self.batch_wait = batch_wait_ms / 1000.0
+        self.latency_share = latency_share
+        self._costs: dict[Hashable, StepCost] = collections.defaultdict(StepCost)
+        self._ready_since: dict[int, float] = {}
         self.max_batch = max_batch
         self.jobs: list[Job] = []
         self.on_step = on_step or (lambda model, size, seconds: None)
@@ -94,16 +145,20 @@ class Scheduler:
     def discard(self, job: Job) -> None:
         if job in self.jobs:
             self.jobs.remove(job)
+        if job.stream is not None:
+            self._ready_since.pop(id(job.stream), None)
 
     # -- one round -------------------------------------------------------------------------
     def run_round(self) -> int:
         """Feed, step every ready stream once (grouped, batched), finish; returns streams stepped."""
         self._feed()
         stepped = 0
-        if self.batch_wait and self._ready_jobs() and len(self._ready_jobs()) < self._active():
-            time.sleep(self.batch_wait)  # bounded wait for the rest of the batch
-            self._drain_commands()
-            self._feed()
+        if self.batch_wait:
+            wait = self._batch_wait()
+            if wait > 0:  # streams about to be ready are worth a short wait
+                time.sleep(wait)
+                self._drain_commands()
+                self._feed()
         jobs = self._ready_jobs()
         for batch in group_ready([j.stream for j in jobs], self.max_batch):
             members = [jobs[i] for i in batch]
@@ -113,11 +168,36 @@ class Scheduler:
         return stepped
 
     def _ready_jobs(self) -> list[Job]:
-        return [j for j in self.jobs if j.stream is not None and j.stream.ready()]
+        now = time.monotonic()
+        ready = []
+        for j in self.jobs:
+            if j.stream is not None and j.stream.ready():
+                self._ready_since.setdefault(id(j.stream), now)
+                ready.append(j)
+        return ready
 
-    def _active(self) -> int:
-        """Streams that may still become ready this round (not flushing to their end)."""
-        return sum(1 for j in self.jobs if j.stream is not None and not j.stream.finished)
+    def _batch_wait(self) -> float:
+        """How long this round should wait before stepping (the longest any group asks for)."""
+        ready = self._ready_jobs()
+        if not ready:
+            return 0.0
+        now = time.monotonic()
+        by_key: dict[Hashable, list[Job]] = {}
+        for j in ready:
+            by_key.setdefault(j.stream.group_key, []).append(j)
+        wait = 0.0
+        for key, members in by_key.items():
+            fit = self._costs[key].fit()
+            if fit is None or len(members) >= self.max_batch:
+                continue
+            upcoming = sorted(t for j in self.jobs
+                              if j.stream is not None and not j.stream.ready() and j.stream.group_key == key
+                              and (t := j.stream.seconds_to_ready()) is not None)
+            chunk = min(j.stream.settings.get("chunk_ms", 1000) for j in members) / 1000
+            age = now - min(self._ready_since[id(j.stream)] for j in members)
+            wait = max(wait, worth_waiting(len(members), upcoming, *fit, self.batch_wait, age,
+                                           self.latency_share * chunk))
+        return min(wait, self.batch_wait)
 
     def _feed(self) -> None:
         for job in list(self.jobs):
@@ -140,7 +220,11 @@ class Scheduler:
             for job in jobs:
                 self._fail(job, StepFailed(f"inference failed: {type(exc).__name__}"))
             return 0
-        self.on_step(engine.name, len(jobs), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self._costs[streams[0].group_key].add(len(jobs), seconds)
+        self.on_step(engine.name, len(jobs), seconds)
+        for s in streams:
+            self._ready_since.pop(id(s), None)
         for job, tokens in zip(jobs, new_tokens):  # results by index
             self._guard(job, lambda job=job, tokens=tokens: job.on_tokens(tokens))
         return len(jobs)

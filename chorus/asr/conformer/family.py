@@ -212,6 +212,12 @@ class ConformerStream(Stream):
     def ready(self) -> bool:
         return not self.closed and self.chunker.ready()
 
+    def seconds_to_ready(self) -> float | None:
+        if self.finished:
+            return None
+        missing = self.chunker.frames_needed() - self.chunker.pending
+        mel = self.engine.model.model.spec.mel
+        return max(0, missing) * mel.hop_length / mel.sample_rate
     @property
     def done(self) -> bool:
         return self.chunker.finished and self.chunker.pending == 0

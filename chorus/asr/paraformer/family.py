@@ -154,6 +154,13 @@ class ParaformerAsrStream(Stream):
     def ready(self) -> bool:
         return not self.closed and self.chunks.ready()
 
+    def seconds_to_ready(self) -> float | None:
+        if self.finished:
+            return None
+        stride = self.setting.stride_samples
+        missing = (self.chunks.chunks_out + 1) * stride - self.chunks.features.samples
+        return max(0, missing) / self.engine.model.sample_rate
+
     @property
     def done(self) -> bool:
         return self.stepped_final
