@@ -93,16 +93,23 @@ def _bounded_int(literal: str) -> int:
     return int(literal)
 
 
-def parse_text(text: str) -> dict:
+def parse_object(text: str) -> dict:
     """One client text frame as a JSON object.  Python's json accepts NaN, Infinity and integers of
     any length; the protocol does not (non-finite values cannot be answered in JSON, and huge
-    integers cost CPU to convert), so they end the stream with `bad_message`."""
+    integers cost CPU to convert), so they end the stream with `bad_message`.  (FunASR's protocol,
+    funasr_protocol.py, reads its text frames with this too.)"""
     try:
         msg = json.loads(text, parse_constant=_non_finite, parse_float=_finite_float, parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_json", f"text frame is not valid JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_json", "text frame must be a JSON object")
+    return msg
+
+
+def parse_text(text: str) -> dict:
+    """One client text frame of chorus' protocol: a JSON object with a string `type`."""
+    msg = parse_object(text)
     kind = msg.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "message has no string 'type' field")
