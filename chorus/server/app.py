@@ -1,8 +1,10 @@
 """`chorus serve`: the WebSocket transcription server (websockets asyncio API).
 
-Routes on one port: `GET /asr` upgrades to the streaming protocol (docs/protocol.md);
-`/healthz`, `/metrics` (Prometheus) and `/` (the browser demo) are plain HTTP.  The event loop
-only moves bytes and messages; the `Scheduler` thread runs the models.
+Routes on one port: `GET /asr` upgrades to the streaming protocol (docs/protocol.md); a WebSocket
+upgrade on `/` or `/funasr` speaks FunASR's protocol (online mode), translated onto the same
+sessions by `funasr_protocol.FunAsrAdapter`; `/healthz`, `/metrics` (Prometheus) and `/` (the
+browser demo) are plain HTTP.  The event loop only moves bytes and messages; the `Scheduler`
+thread runs the models.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from websockets.protocol import State
 
 from ..cache import PoolExhausted
 from .asr_session import AsrSession
+from .funasr_protocol import SUBPROTOCOL, FunAsrAdapter, is_funasr_path
 from .metrics import ServerMetrics
 from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
 from .registry import ModelRegistry
@@ -110,7 +113,7 @@ class AsrServer:
             ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
-            compression=None,
+            compression=None, select_subprotocol=self._select_subprotocol,
             max_size=2 * cfg.max_frame_bytes, max_queue=8,  # past 2x the library itself closes with 1009
             origins=[None, *cfg.allowed_origins] if cfg.allowed_origins else None)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -139,8 +142,9 @@ class AsrServer:
         """Serve until SIGTERM or SIGINT, then shut down gracefully."""
         await self.start()
         s = "s" if self.config.tls_cert else ""
-        log.info("chorus serving %s on ws%s://%s:%d/asr (browser demo: http%s://%s:%d/)", self.registry.names(),
-                 s, self.config.host, self.port, s, self.config.host, self.port)
+        log.info("chorus serving %s on ws%s://%s:%d/asr (FunASR's protocol: ws%s://%s:%d/; browser demo: "
+                 "http%s://%s:%d/)", self.registry.names(), s, self.config.host, self.port, s, self.config.host,
+                 self.port, s, self.config.host, self.port)
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, signalled.set)
@@ -161,7 +165,8 @@ class AsrServer:
             return _response(200, "ok\n", "text/plain")
         if path == "/metrics":
             return _response(200, self.metrics.render(), self.metrics.content_type)
-        if path == "/asr":
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if path == "/asr" or (upgrade and is_funasr_path(path)):  # FunASR's clients upgrade on "/"
             if not self._authorized(request, url):
                 return _response(401, "missing or wrong bearer token\n", "text/plain")
             if self._going_away is not None and self._going_away.is_set():
@@ -198,13 +203,32 @@ class AsrServer:
             ctype += "; charset=utf-8"
         return _response(200, target.read_bytes(), ctype)
 
-    # -- the streaming protocol --------------------------------------------------------------
+    def _select_subprotocol(self, connection: ServerConnection, offered) -> str | None:
+        """FunASR's clients offer `binary`: accept it on FunASR's paths; chorus' protocol has none."""
+        if SUBPROTOCOL in offered and is_funasr_path(urllib.parse.urlsplit(connection.request.path).path):
+            return SUBPROTOCOL
+        return None
+
+    def _adapter_for(self, ws: ServerConnection) -> FunAsrAdapter | None:
+        """The translation for FunASR's protocol, or None for chorus' own (`/asr`)."""
+        url = urllib.parse.urlsplit(ws.request.path)
+        if not is_funasr_path(url.path):
+            return None
+        model = urllib.parse.parse_qs(url.query).get("model", [None])[0]
+
+        def describe(name):
+            entry = self.registry.get(name)
+            return None if entry is None else entry.describe()
+        return FunAsrAdapter(describe, model)
+
+    # -- the streaming protocol (both: chorus' own, and FunASR's through its adapter) ---------
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
         self._handlers.add(asyncio.current_task())
         session: AsrSession | None = None
+        adapter = self._adapter_for(ws)
         outbox = _Outbox(ws, self.config.max_pending_messages, on_broken=lambda: self.metrics.errors.labels(
-            "internal").inc())
+            "internal").inc(), translate=adapter.translate if adapter else None)
         writer = asyncio.create_task(outbox.run())
         leaving = asyncio.ensure_future(self._going_away.wait())
         started = time.monotonic()
@@ -233,28 +257,30 @@ class AsrServer:
                 if isinstance(message, bytes):
                     if session is None:
                         raise ProtocolError("not_started", "audio before start")
+                    if adapter is not None:
+                        message = adapter.audio(message)
                     if len(message):
                         session.push_audio(message)
                         self.scheduler.notify()
                         await self._hold_back(session, outbox)
                     continue
-                msg = parse_text(message)
-                kind = msg["type"]
-                if kind == "start":
-                    if session is not None:
-                        raise ProtocolError("already_started", "the stream is already started")
-                    session = await self._start(msg, outbox)
-                elif kind == "keepalive":
-                    continue
-                elif kind in ("finalize", "stop"):
-                    if session is None:
-                        raise ProtocolError("not_started", f"{kind} before start")
-                    done = await self._flush(session, kind)
-                    if kind == "stop":
-                        await self._finish(ws, outbox, done, 1000, "stopped", 60.0)
-                        return
-                else:
-                    raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+                for msg in adapter.incoming(message) if adapter is not None else [parse_text(message)]:
+                    kind = msg["type"]
+                    if kind == "start":
+                        if session is not None:
+                            raise ProtocolError("already_started", "the stream is already started")
+                        session = await self._start(msg, outbox)
+                    elif kind == "keepalive":
+                        continue
+                    elif kind in ("finalize", "stop"):
+                        if session is None:
+                            raise ProtocolError("not_started", f"{kind} before start")
+                        done = await self._flush(session, kind)
+                        if kind == "stop":
+                            await self._finish(ws, outbox, done, 1000, "stopped", 60.0)
+                            return
+                    else:
+                        raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
         except ProtocolError as exc:
             await self._close_with(ws, outbox, exc)
         except ConnectionClosed:
@@ -371,12 +397,15 @@ class _Outbox:
     A partial result replaces a partial still waiting to be sent, so a slow reader gets the
     latest text rather than a backlog; a reader too slow even for that is dropped.  Once the
     writer has ended (the connection closed, or a message could not be sent), nothing waits on
-    it: `send` drops messages and `drain` returns at once.
+    it: `send` drops messages and `drain` returns at once.  `translate` (FunASR's adapter) turns each
+    message into the client's protocol as it is sent, so merged partials translate as one.
     """
 
-    def __init__(self, ws: ServerConnection, limit: int, on_broken: Callable[[], None] = lambda: None):
+    def __init__(self, ws: ServerConnection, limit: int, on_broken: Callable[[], None] = lambda: None,
+                 translate: Callable[[dict], list[dict]] | None = None):
         self.ws = ws
         self.limit = limit
+        self.translate = translate or (lambda msg: [msg])
         self.items: collections.deque[dict] = collections.deque()
         self.failed = False      # the client does not read: the handler ends the stream (too_slow)
         self.closed = False      # the writer has ended
@@ -408,7 +437,8 @@ class _Outbox:
                 await self._wake.wait()
                 self._wake.clear()
                 while self.items:
-                    await self.ws.send(dumps(self.items.popleft()))
+                    for out in self.translate(self.items.popleft()):
+                        await self.ws.send(dumps(out))
                 self._idle.set()
         except ConnectionClosed:
             pass
@@ -417,7 +447,8 @@ class _Outbox:
             self._on_broken()
             error = ProtocolError("internal", f"server error: could not send a result ({type(exc).__name__})")
             try:
-                await self.ws.send(dumps(error.as_message()))
+                for out in self.translate(error.as_message()):
+                    await self.ws.send(dumps(out))
             except ConnectionClosed:
                 pass
             await self.ws.close(error.close_code, error.message[:100])  # the handler's recv ends with it
@@ -436,7 +467,8 @@ class _Outbox:
         try:
             await asyncio.wait_for(self.drain(), timeout=2.0)
             if not self.closed:
-                await self.ws.send(dumps(error.as_message()))
+                for out in self.translate(error.as_message()):
+                    await self.ws.send(dumps(out))
         except (ConnectionClosed, asyncio.TimeoutError):
             pass
         # A close reason is at most 123 bytes of UTF-8.
