@@ -20,7 +20,6 @@ from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.family import ConformerModel
 from chorus.asr.families import load_model
 from chorus.asr.transcribe import transcribe_files
-from chorus.codecs import encode
 from chorus.server.app import ServerConfig
 from chorus.server.registry import ModelRegistry
 from chorus.stream.contract import StreamRequest
@@ -238,3 +237,37 @@ def test_a_client_that_drops_mid_stream_returns_its_slot(server, clips):
     run(client())
     server.wait_idle()
     assert np.all([e.engine.pool.used == 0 for e in server.server.registry.entries()])
+
+
+def test_shutdown_sends_the_last_result_as_final_and_closes_1001(para_dir, clips):
+    """SIGTERM's path (AsrServer.shutdown): the audio sent is transcribed, the last result has
+    is_final true, then close 1001 — the same machinery as /asr."""
+    registry = ModelRegistry()
+    registry.add("paraformer", load_model(para_dir), slots=2)
+    srv = ServerThread(registry, ServerConfig(port=0, batch_wait_ms=5))
+    options = {"chunk_size": [5, 10, 5], "encoder_chunk_look_back": 4, "decoder_chunk_look_back": 0}
+    expected = transcribe(load_model(para_dir).make_engine(slots=1), clips[2], options=options)
+    pcm, rate = pcm16(clips[2])
+
+    async def client():
+        results = []
+        async with connect(f"ws://127.0.0.1:{srv.server.port}/", subprotocols=["binary"]) as ws:
+            await ws.send(json.dumps(first_message(rate)))
+            await ws.send(pcm)
+            await asyncio.sleep(0.3)
+            asyncio.run_coroutine_threadsafe(srv.server.shutdown(), srv.loop)
+            try:
+                async for m in ws:
+                    results.append(json.loads(m))
+            except ConnectionClosed:
+                pass
+            return results, ws.close_code
+
+    try:
+        results, code = run(client())
+        assert code == 1001 and results[-1]["is_final"] and not any(m["is_final"] for m in results[:-1])
+        assert "".join(m["text"] for m in results) == expected and expected
+        srv.wait_idle()
+    finally:
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(10)
