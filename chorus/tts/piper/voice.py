@@ -208,7 +208,7 @@ class PiperVoice:
             feeds["sid"] = np.full(len(batch), 0 if sid is None else sid, dtype=np.int64)
         out = self.session.run(None, feeds)
         audio = out[0].reshape(len(batch), -1)
-        if len(batch) == 1:
+        if len(out) < 2:  # no durations exposed: one item per call, its whole output
             return [audio[0]]
         frames = np.maximum(out[1].reshape(len(batch), -1).sum(axis=1), 1)  # VITS: clamp_min(sum(w_ceil), 1)
         return [audio[row, :int(frames[row]) * self.config.hop_length] for row in range(len(batch))]
