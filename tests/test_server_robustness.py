@@ -310,3 +310,45 @@ def test_sigterm_flushes_finals_closes_1001_and_exits_0(model_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_shutdown_keeps_its_grace_with_a_fast_sender(make_server):
+    """Audio a fast sender left queued in the socket is not read once the server stops: the stream
+    gets its final for what the server had taken in, and the shutdown ends within its grace."""
+    srv = make_server(max_buffered_seconds=2.0)
+    audio = speech(4.0, seed=11)
+    result = {}
+
+    async def flooder():
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps({"type": "start", "endpointing": False, "interim_results": False}))
+            await ws.recv()
+            sent = 0.0
+
+            async def send_forever():
+                nonlocal sent
+                while True:
+                    for i in range(0, len(audio), 6400):
+                        await ws.send(audio[i:i + 6400])
+                        sent += 0.2
+
+            sender = asyncio.create_task(send_forever())
+            await asyncio.sleep(1.0)  # the socket buffers fill up behind the server's bound
+            t0 = time.monotonic()
+            shutdown = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.server.shutdown(3.0), srv.loop))
+            msgs = []
+            try:
+                async for m in ws:
+                    msgs.append(json.loads(m))
+            except ConnectionClosed:
+                pass
+            sender.cancel()
+            await shutdown
+            result.update(msgs=msgs, code=ws.close_code, seconds=time.monotonic() - t0, sent=sent)
+
+    run(flooder())
+    finals = [m for m in result["msgs"] if m["type"] == "final"]
+    assert result["code"] == 1001 and [f["reason"] for f in finals] == ["shutdown"]
+    assert result["seconds"] < 3.0 + 1.0, result["seconds"]
+    assert finals[0]["end"] < result["sent"] - 2.0  # what was queued in the kernel was not transcribed
+    srv.wait_idle()

@@ -77,7 +77,8 @@ class AsrServer:
         self._ids = itertools.count(1)
         self.connections = 0
         self._sessions: dict[str, tuple[AsrSession, "_Outbox"]] = {}
-        self._handlers: set[asyncio.Task] = set()   # one per open connection
+        self._handlers: dict[asyncio.Task, ServerConnection] = {}  # one per open connection
+        self._shutdown_deadline = 0.0  # loop time by which a shutdown closes every connection
         self._going_away: asyncio.Event | None = None  # set on shutdown: every handler finishes its stream
         self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics.add_live_gauges(self._live_gauges)
@@ -132,10 +133,18 @@ class AsrServer:
         grace = self.config.shutdown_grace if grace is None else grace
         if self._server is None:
             return
+        self._shutdown_deadline = self.loop.time() + grace
         self._server.close(close_connections=False)  # stop listening; open connections go on
         self._going_away.set()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=grace)
+        if self._handlers:  # past the grace: close what is left without its final
+            log.warning("closing %d stream(s) still busy after %g s", len(self._handlers), grace)
+            closing = [asyncio.ensure_future(ws.close(1001, "server shutting down")) for ws in self._handlers.values()]
+            await asyncio.wait(closing, timeout=2.0)
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.wait(list(self._handlers), timeout=2.0)
         await self.stop()
 
     async def serve_forever(self) -> None:
@@ -224,7 +233,7 @@ class AsrServer:
     # -- the streaming protocol (both: chorus' own, and FunASR's through its adapter) ---------
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
-        self._handlers.add(asyncio.current_task())
+        self._handlers[asyncio.current_task()] = ws
         session: AsrSession | None = None
         adapter = self._adapter_for(ws)
         outbox = _Outbox(ws, self.config.max_pending_messages, on_broken=lambda: self.metrics.errors.labels(
@@ -244,8 +253,12 @@ class AsrServer:
                     raise ProtocolError("idle_timeout", f"no audio or keepalive for {self.config.idle_timeout:g} s")
                 if message is _LEAVING:  # shutdown: flush what was sent, send the final, close 1001
                     if session is not None:
-                        await self._finish(ws, outbox, await self._flush(session, "shutdown"),
-                                           1001, "server shutting down", self.config.shutdown_grace)
+                        left = max(0.1, self._shutdown_deadline - self.loop.time())
+                        try:
+                            await self._finish(ws, outbox, await self._flush(session, "shutdown"),
+                                               1001, "server shutting down", left)
+                        except ProtocolError:  # past the grace: closed without its final
+                            await _close_discarding(ws, 1001, "server shutting down")
                     else:
                         await ws.close(1001, "server shutting down")
                     return
@@ -295,7 +308,7 @@ class AsrServer:
                 self.scheduler.submit(lambda s=session: self._drop(s))
             writer.cancel()
             leaving.cancel()
-            self._handlers.discard(asyncio.current_task())
+            self._handlers.pop(asyncio.current_task(), None)
             self.connections -= 1
 
     async def _hold_back(self, session: AsrSession, outbox: "_Outbox") -> None:
@@ -320,7 +333,7 @@ class AsrServer:
             await asyncio.wait_for(outbox.drain(), timeout=10.0)
         except asyncio.TimeoutError:
             pass
-        await ws.close(code, reason)
+        await _close_discarding(ws, code, reason)
 
     async def _close_with(self, ws: ServerConnection, outbox: "_Outbox", error: ProtocolError) -> None:
         """Send the error and close, reading (and dropping) what the client already sent so that
@@ -478,9 +491,23 @@ class _Outbox:
 _TIMED_OUT, _LEAVING = object(), object()
 
 
+async def _close_discarding(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close, reading and dropping what the client still sends, so that its close frame (which may
+    sit behind audio queued in the socket) is seen at once instead of after the close timeout."""
+    closing = asyncio.ensure_future(ws.close(code, reason))
+    try:
+        async for _ in ws:
+            pass
+    except ConnectionClosed:
+        pass
+    await closing
+
+
 async def _receive(ws: ServerConnection, leaving: asyncio.Future, timeout: float):
     """The next frame, `_TIMED_OUT` after `timeout` s, or `_LEAVING` once the server shuts down
     (websockets' recv may be cancelled without losing data)."""
+    if leaving.done():  # frames still queued (a fast sender's) are not read once the server stops
+        return _LEAVING
     recv = asyncio.ensure_future(ws.recv())
     try:
         await asyncio.wait([recv, leaving], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
