@@ -110,7 +110,7 @@ def test_two_families_in_one_scheduler_batched_equal_alone(para_dir, model_path,
                     self.stream.finish()
             return 0.05
 
-        def on_tokens(self, tokens):
+        def on_result(self, tokens):
             pass
 
         def after_round(self):

@@ -78,7 +78,7 @@ class _FileJob:
                 stream.finish()
         return taken / self.rate
 
-    def on_tokens(self, tokens) -> None:
+    def on_result(self, tokens) -> None:
         if self.on_chunk:
             self.on_chunk(self.name, self.stream)
 

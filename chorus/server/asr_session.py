@@ -95,7 +95,7 @@ class AsrSession:
     def feed(self) -> float:
         return self.pull_audio() / self.bytes_per_second
 
-    def on_tokens(self, tokens: list[Token]) -> None:
+    def on_result(self, tokens: list[Token]) -> None:
         self.after_step(tokens)
         self.finish_flush_if_done()
 

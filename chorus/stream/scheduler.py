@@ -37,8 +37,9 @@ class Job(Protocol):
         """Move available input into the stream (only what its next chunk needs); returns the
         audio seconds taken.  An exception fails the job."""
 
-    def on_tokens(self, tokens: list[Token]) -> None:
-        """After a step of this job's stream: its new tokens (possibly none)."""
+    def on_result(self, result) -> None:
+        """After a step of this job's stream: what the engine's step gave it (an ASR stream's new
+        tokens, possibly none; a TTS stream's next audio)."""
 
     def after_round(self) -> None:
         """Once per round, stepped or not: flushes, completion."""
@@ -226,7 +227,7 @@ class Scheduler:
         for s in streams:
             self._ready_since.pop(id(s), None)
         for job, tokens in zip(jobs, new_tokens):  # results by index
-            self._guard(job, lambda job=job, tokens=tokens: job.on_tokens(tokens))
+            self._guard(job, lambda job=job, result=tokens: job.on_result(result))
         return len(jobs)
 
     def _guard(self, job: Job, fn: Callable[[], None]) -> None:
