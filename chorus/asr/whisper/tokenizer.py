@@ -14,7 +14,7 @@ import base64
 import json
 import string
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import tiktoken
@@ -44,6 +44,7 @@ def n_special(num_languages: int) -> int:
     return 2 + num_languages + 6 + N_TIMESTAMPS
 
 
+@lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte-to-character map, which `vocabulary.txt` and `tokenizer.json` spell tokens with."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
