@@ -11,8 +11,13 @@ is exactly what a deployment runs.  Two servers are started on the same model an
 whole run; every point is run on both ("variants", interleaved):
   batched:    the defaults (--max-batch 64, --batch-wait-ms 10);
   unbatched:  --max-batch 1 (each ready stream is stepped alone; the batch wait is left at its default).
-(--variants also knows `nowait`: batched with --batch-wait-ms 0, `unbatched-nowait`, and `greedy`: batched
-with --beam 1, the baseline for a model whose default decoding is beam search, such as the bundled one.)
+(--variants also knows `nowait`: batched with --batch-wait-ms 0, `unbatched-nowait`, `greedy`: batched
+with --beam 1, the baseline for a model whose default decoding is beam search, such as the bundled one, and
+`wait50` / `greedy-wait50`: the scheduler may wait up to 50 ms for streams about to be ready.)
+--baseline-root DIR adds `before`: a server run from another checkout (the same model and the first variant's
+flags), so a change is measured against the code before it in the same run.  The batched step itself is timed
+in this process first (--step-capacity): the largest B whose step fits in the chunk is the N the server's
+capacity is compared with.
 
 The clients (one process, asyncio, websockets' asyncio client): each streams 16 kHz pcm_s16le in
 20 ms binary frames at real-time pace (frame k is sent at t0 + (k+1) x 20 ms, when a microphone
@@ -98,6 +103,8 @@ VARIANTS = {
     "nowait": ["--batch-wait-ms", "0"],
     "unbatched-nowait": ["--max-batch", "1", "--batch-wait-ms", "0"],
     "greedy": ["--beam", "1"],  # batched; for the bundled model, whose default decoding is beam 8 + LM
+    "greedy-wait50": ["--beam", "1", "--batch-wait-ms", "50"],  # the scheduler may wait up to 50 ms for a batch
+    "wait50": ["--batch-wait-ms", "50"],
 }
 
 
@@ -163,6 +170,49 @@ def build_random_model(size: str, path: Path, seed: int, tokens_per_frame: float
 
 
 # ------------------------------------------------------------------------------------------
+# the batched step alone
+# ------------------------------------------------------------------------------------------
+def step_capacity(model_path: Path, lookahead_ms: int, sizes: list[int], threads: int | None) -> dict:
+    """Median wall time of one batched step of B streams (synchronized: every stream has a chunk), through
+    the family contract, in this process, for each B; the model steps as the server does."""
+    import statistics
+
+    import torch
+
+    from chorus.asr.families import load_model
+    from chorus.stream.contract import DecodingDefaults, StreamRequest
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(model_path, "cpu", DecodingDefaults(beam_size=None))
+    engine = model.make_engine(slots=max(sizes))
+    request = StreamRequest(lookahead_ms=lookahead_ms)
+    audio = (np.random.default_rng(0).standard_normal(SR * 30) * 0.1).astype(np.float32)
+    out = {}
+    with torch.no_grad():
+        for b in sizes:
+            streams = [engine.open(request) for _ in range(b)]
+            times = []
+            try:
+                pos = 0
+                for rep in range(6):
+                    for s in streams:  # each stream gets its next chunk's audio, at its own offset
+                        while not s.ready():
+                            s.accept_audio(audio[pos % (SR * 29):pos % (SR * 29) + 1600])
+                            pos += 1600
+                    t0 = time.perf_counter()
+                    engine.step(streams)
+                    if rep >= 1:  # the first step of a stream differs (and warms up)
+                        times.append(time.perf_counter() - t0)
+            finally:
+                for s in streams:
+                    s.close()
+            out[b] = 1000 * statistics.median(times)
+            print(f"  batched step, B={b:>3}: {out[b]:7.1f} ms", flush=True)
+    return {"step_ms": out, "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------
 # the server subprocess
 # ------------------------------------------------------------------------------------------
 def free_port() -> int:
@@ -203,7 +253,8 @@ def machine_busy_seconds() -> float:
 
 
 class Server:
-    def __init__(self, name: str, model: Path, extra: list[str], slots: int, workdir: Path, env: dict):
+    def __init__(self, name: str, model: Path, extra: list[str], slots: int, workdir: Path, env: dict,
+                 root: Path = REPO):
         self.name = name
         self.port = free_port()
         self.log_path = workdir / f"server-{name}.log"
@@ -211,7 +262,7 @@ class Server:
                      "--port", str(self.port), "--slots", str(slots), "--max-connections", str(slots + 16),
                      "--idle-timeout", "120", *extra]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=root, env=env)
         self.url = f"ws://127.0.0.1:{self.port}/asr"
         self.http = f"http://127.0.0.1:{self.port}"
 
@@ -613,6 +664,12 @@ def main() -> int:
     ap.add_argument("--warmup-seconds", type=float, default=4.0)
     ap.add_argument("--stop-timeout", type=float, default=20.0)
     ap.add_argument("--json", type=Path, help="write every point here")
+    ap.add_argument("--baseline-root", type=Path,
+                    help="another checkout of chorus (e.g. `git worktree add /tmp/before <commit>`): adds the "
+                         "variant `before`, its batched server with default flags, to the same run")
+    ap.add_argument("--step-capacity", default="1,2,4,8,12,16,24,32,48,64",
+                    help="batch sizes B at which to time the batched step itself, in this process (the N at "
+                         "which it reaches per-stream RTF 1 is what the server is compared with); '' to skip")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -652,8 +709,15 @@ def sweep(args, model_path: Path, workdir: Path, info: dict) -> int:
     print(f"clients: 20 ms pcm_s16le frames at real time for {args.seconds:g} s, lookahead {args.lookahead_ms} ms, "
           f"interim results, no endpointing; variants {variants}", flush=True)
     tracks = load_sources(args.seed)
+    capacity = step_capacity(model_path, args.lookahead_ms, [int(b) for b in args.step_capacity.split(",") if b],
+                             args.server_threads) if args.step_capacity else None
     slots = max(ns) + 2
     servers = {v: Server(v, model_path, VARIANTS[v], slots, workdir, env) for v in variants}
+    if args.baseline_root:
+        base_env = dict(env, PYTHONPATH=str(args.baseline_root.resolve()))
+        servers["before"] = Server("before", model_path, VARIANTS[variants[0]], slots, workdir, base_env,
+                                   root=args.baseline_root)  # with the first variant's flags
+        variants.append("before")
     points: list[dict] = []
     try:
         for s in servers.values():
@@ -699,6 +763,17 @@ def sweep(args, model_path: Path, workdir: Path, info: dict) -> int:
                     break
                 measure(v, (lo + hi) // 2)
         best = summarize(points, variants, chunk_ms)
+        if capacity:
+            fits = [b for b, t in capacity["step_ms"].items() if t <= chunk_ms]
+            capacity["n_rtf1"] = max(fits) if fits else 0
+            print(f"\nthe batched step itself: per-stream RTF 1 (a step of B streams within the {chunk_ms} ms chunk) "
+                  f"up to B = {capacity['n_rtf1']} (step ms by B: "
+                  + ", ".join(f"{b}: {t:.0f}" for b, t in capacity["step_ms"].items()) + ")")
+            for v in variants:
+                n = best[v]["largest_n_ok"]
+                if capacity["n_rtf1"]:
+                    print(f"  {v:>16}: largest N {n} = {100 * n / capacity['n_rtf1']:.0f} % of it")
+            best["step_capacity"] = capacity
         if args.json:
             args.json.write_text(json.dumps({"model": str(model_path), "model_info": info, "machine": cpu,
                                              "cores": os.cpu_count(), "server_torch_threads": threads,
