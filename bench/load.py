@@ -172,9 +172,11 @@ def build_random_model(size: str, path: Path, seed: int, tokens_per_frame: float
 # ------------------------------------------------------------------------------------------
 # the batched step alone
 # ------------------------------------------------------------------------------------------
-def step_capacity(model_path: Path, lookahead_ms: int, sizes: list[int], threads: int | None) -> dict:
+def step_capacity(model_path: Path, lookahead_ms: int, sizes: list[int], threads: int | None,
+                  beam: int | None = None) -> dict:
     """Median wall time of one batched step of B streams (synchronized: every stream has a chunk), through
-    the family contract, in this process, for each B; the model steps as the server does."""
+    the family contract, in this process, for each B; the model steps and decodes as the server does
+    (`beam`: the server's --beam)."""
     import statistics
 
     import torch
@@ -184,7 +186,7 @@ def step_capacity(model_path: Path, lookahead_ms: int, sizes: list[int], threads
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(model_path, "cpu", DecodingDefaults(beam_size=None))
+    model = load_model(model_path, "cpu", DecodingDefaults(beam_size=beam))
     engine = model.make_engine(slots=max(sizes))
     request = StreamRequest(lookahead_ms=lookahead_ms)
     audio = (np.random.default_rng(0).standard_normal(SR * 30) * 0.1).astype(np.float32)
@@ -709,8 +711,10 @@ def sweep(args, model_path: Path, workdir: Path, info: dict) -> int:
     print(f"clients: 20 ms pcm_s16le frames at real time for {args.seconds:g} s, lookahead {args.lookahead_ms} ms, "
           f"interim results, no endpointing; variants {variants}", flush=True)
     tracks = load_sources(args.seed)
+    flags = VARIANTS[variants[0]]
+    beam = int(flags[flags.index("--beam") + 1]) if "--beam" in flags else None
     capacity = step_capacity(model_path, args.lookahead_ms, [int(b) for b in args.step_capacity.split(",") if b],
-                             args.server_threads) if args.step_capacity else None
+                             args.server_threads, beam) if args.step_capacity else None
     slots = max(ns) + 2
     servers = {v: Server(v, model_path, VARIANTS[v], slots, workdir, env) for v in variants}
     if args.baseline_root:
