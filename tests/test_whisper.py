@@ -12,7 +12,7 @@ import torch
 from chorus.asr.whisper.ct2 import read_model_bin
 from chorus.asr.whisper.decoding import greedy_decode, mel_30s, suppress_tokens
 from chorus.asr.whisper.loader import WhisperCheckpointError, load_whisper
-from chorus.asr.whisper.model import (N_FRAMES, SIZES, Whisper, block_causal_mask, log_mel_spectrogram,
+from chorus.asr.whisper.model import (N_FRAMES, SIZES, Whisper, block_causal_mask,
                                       mel_filters, pad_or_trim)
 from chorus.asr.whisper.tokenizer import Tokenizer, read_ranks
 from whisper_factories import (ct2_variables, hf_state, synthetic_ranks, tiny_dims, tiny_whisper,
