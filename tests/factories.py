@@ -105,17 +105,6 @@ def conformer_stream(engine, setting, decoder: str = "rnnt", rate: int = 16000, 
 
 def stream_samples(engine, samples, rate, setting, decoder="rnnt", search=None, piece_seconds=0.02):
     """One recording through the live path, stepped as soon as a chunk is ready; the closed stream."""
-    from chorus.stream.scheduler import run_to_end, step_ready
+    from chorus.asr.transcribe import stream_alone
 
-    stream = conformer_stream(engine, setting, decoder, rate, search)
-    try:
-        piece = max(1, int(piece_seconds * rate))
-        for i in range(0, len(samples), piece):
-            stream.accept_audio(samples[i:i + piece])
-            while stream.ready():
-                step_ready([stream])
-        stream.finish()
-        run_to_end([stream])
-    finally:
-        stream.close()
-    return stream
+    return stream_alone(conformer_stream(engine, setting, decoder, rate, search), samples, piece_seconds)

@@ -135,9 +135,13 @@ def transcribe_samples(engine: Engine, samples, sample_rate: int, request: Strea
                        piece_seconds: float = 0.02) -> Stream:
     """Stream one recording through the live path in `piece_seconds` pieces, stepping as soon as
     a chunk is ready (as a lone live client); returns the closed stream."""
-    stream = engine.open(replace(request, sample_rate=sample_rate))
+    return stream_alone(engine.open(replace(request, sample_rate=sample_rate)), samples, piece_seconds)
+
+
+def stream_alone(stream: Stream, samples, piece_seconds: float = 0.02) -> Stream:
+    """Feed an open stream a recording in pieces, stepping it alone whenever a chunk is ready; closes it."""
     try:
-        piece = max(1, int(piece_seconds * sample_rate))
+        piece = max(1, int(piece_seconds * stream.sample_rate))
         for i in range(0, len(samples), piece):
             stream.accept_audio(samples[i:i + piece])
             while stream.ready():
