@@ -64,7 +64,16 @@ class Clause:
 
 def clauses(text: str) -> list[Clause]:
     """Cut text into espeak-ng's clauses with Piper's terminator for each (ReadClause's rules, see module doc)."""
-    out: list[Clause] = []
+    return [c for c, _ in clause_spans(text)]
+
+
+def clause_spans(text: str) -> list[tuple[Clause, int]]:
+    """`clauses`, each with where the next clause starts in `text` (after the whitespace that follows it).
+
+    A clause ending with punctuation is decided by the next non-space character (a dot before a lower-case word
+    is an abbreviation's); the last clause of `text` is the end of text (decided by nothing after it), which is
+    what a streaming segmenter needs to know: every clause but the last is final once more text follows."""
+    out: list[tuple[Clause, int]] = []
     n = len(text)
     start = 0
     any_alnum = False
@@ -78,7 +87,7 @@ def clauses(text: str) -> list[Clause]:
                 nl += text[j] == "\n"
                 j += 1
             if nl > 0 and j < n:  # a blank line: paragraph, a sentence end with no terminator
-                out.append(Clause(text[start:i], "", True))
+                out.append((Clause(text[start:i], "", True), j))
                 start, i, any_alnum = j, j, False
                 continue
         if c.isalnum():
@@ -117,12 +126,12 @@ def clauses(text: str) -> list[Clause]:
                 terminator, sentence = kind[0], kind[1]
                 if nl > 1:  # punctuation then a blank line: a paragraph
                     terminator, sentence = "", True
-                out.append(Clause(text[start:nxt], terminator, sentence))
+                out.append((Clause(text[start:nxt], terminator, sentence), j))
                 start, i, any_alnum = j, j, False
                 continue
         i = nxt
     if text[start:].strip() or not out:
-        out.append(Clause(text[start:], "", True))  # end of text: CLAUSE_EOF, a sentence with no terminator
+        out.append((Clause(text[start:], "", True), n))  # end of text: CLAUSE_EOF, a sentence with no terminator
     return out
 
 
