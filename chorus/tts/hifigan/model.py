@@ -317,7 +317,10 @@ def load_hifigan(generator_path: str | Path, config: str | Path | dict | None = 
     if not isinstance(state, dict):
         raise NotAHifiGan(f"{generator_path}: no generator state dict")
     model = Generator(cfg)
-    missing, unexpected = model.load_state_dict(fold_weight_norm(state), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(fold_weight_norm(state), strict=False)
+    except RuntimeError as e:  # shapes that do not match the config
+        raise NotAHifiGan(f"{generator_path}: weights do not match the config: {e}") from e
     if missing or unexpected:
         raise NotAHifiGan(f"{generator_path}: weights do not match the config (missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]})")

@@ -304,7 +304,10 @@ def load_matcha(path: str | Path):
     cfg = matcha_config(hp, str(path))
     model = MatchaTTS(cfg)
     state = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not match the hyper-parameters
+        raise NotAMatchaCheckpoint(f"{path}: weights do not match the hyper-parameters: {e}") from e
     if missing or unexpected:
         raise NotAMatchaCheckpoint(f"{path}: weights do not match the configured Matcha-TTS "
                                    f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
