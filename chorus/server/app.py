@@ -1,6 +1,7 @@
-"""`chorus serve`: the WebSocket transcription server (websockets asyncio API).
+"""`chorus serve`: the WebSocket speech server (websockets asyncio API).
 
-Routes on one port: `GET /asr` upgrades to the streaming protocol (docs/protocol.md); a WebSocket
+Routes on one port: `GET /asr` upgrades to the streaming protocol (docs/protocol.md); `GET /tts` to the
+speech-synthesis protocol (`chorus.tts.v1`, `tts_session.TtsSession`); a WebSocket
 upgrade on `/` or `/funasr` speaks FunASR's protocol (online mode), translated onto the same
 sessions by `funasr_protocol.FunAsrAdapter`; `/healthz`, `/metrics` (Prometheus) and `/` (the
 browser demo) are plain HTTP.  The event loop only moves bytes and messages; the `Scheduler`
@@ -37,6 +38,8 @@ from .funasr_protocol import SUBPROTOCOL, FunAsrAdapter, is_funasr_path
 from .metrics import ServerMetrics
 from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
 from .registry import ModelRegistry
+from .tts_protocol import PROTOCOL as TTS_PROTOCOL, parse_tts_start, parse_tts_text
+from .tts_session import TtsSession
 from ..stream.scheduler import Scheduler
 
 log = logging.getLogger("chorus.server")
@@ -62,11 +65,16 @@ class ServerConfig:
     tls_cert: str | None = None              # serve wss:// and https:// with this certificate chain
     tls_key: str | None = None
     shutdown_grace: float = 10.0             # seconds open streams get to flush their finals on SIGTERM
+    max_text_chars: int = 4096               # characters in one /tts `text` message (text_too_long)
+    max_pending_text_chars: int = 65536      # text a /tts stream may hold not yet spoken (too_much_text)
+    tts_max_wait_ms: int = 1000              # default wait for the rest of an unfinished sentence
 
 
 class AsrServer:
-    def __init__(self, registry: ModelRegistry, config: ServerConfig | None = None):
+    def __init__(self, registry: ModelRegistry, config: ServerConfig | None = None,
+                 voices: ModelRegistry | None = None):
         self.registry = registry
+        self.voices = voices if voices is not None else ModelRegistry()  # TTS voices, by name (/tts)
         self.config = config or ServerConfig()
         self.metrics = ServerMetrics()
         self.scheduler = Scheduler(
@@ -74,6 +82,7 @@ class AsrServer:
             on_step=lambda model, size, seconds: (self.metrics.batch_sizes.labels(model).observe(size),
                                                   self.metrics.step_seconds.labels(model).observe(seconds)),
             on_audio=lambda session, seconds: self.metrics.audio_seconds.labels(session.entry.name).inc(seconds))
+        self._tts: dict[str, tuple[TtsSession, "_Outbox"]] = {}
         self._ids = itertools.count(1)
         self.connections = 0
         self._sessions: dict[str, tuple[AsrSession, "_Outbox"]] = {}
@@ -100,6 +109,11 @@ class AsrServer:
             ("chorus_connections", "Open WebSocket connections", (), {(): self.connections}),
             ("chorus_backlog_seconds", "Audio received but not yet encoded, over a model's streams (sum, max)",
              ("model", "stat"), backlog),
+            ("chorus_tts_open_streams", "TTS streams open now", ("voice",),
+             {e.name: e.engine.pool.used for e in self.voices.entries()}),
+            ("chorus_tts_slots", "TTS stream slots per voice", ("voice", "state"),
+             {**{(e.name, "used"): e.engine.pool.used for e in self.voices.entries()},
+              **{(e.name, "free"): e.engine.pool.free for e in self.voices.entries()}}),
         ]
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -175,7 +189,7 @@ class AsrServer:
         if path == "/metrics":
             return _response(200, self.metrics.render(), self.metrics.content_type)
         upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if path == "/asr" or (upgrade and is_funasr_path(path)):  # FunASR's clients upgrade on "/"
+        if path in ("/asr", "/tts") or (upgrade and is_funasr_path(path)):  # FunASR's clients upgrade on "/"
             if not self._authorized(request, url):
                 return _response(401, "missing or wrong bearer token\n", "text/plain")
             if self._going_away is not None and self._going_away.is_set():
@@ -185,6 +199,8 @@ class AsrServer:
             return None  # continue with the WebSocket handshake
         if path == "/models":
             models = [dict(e.describe(), default=e.name == self.registry.default) for e in self.registry.entries()]
+            models += [dict(e.describe(), kind="tts", default=e.name == self.voices.default)
+                       for e in self.voices.entries()]
             return _response(200, json.dumps(models), "application/json")
         return self._static(path)
 
@@ -230,10 +246,21 @@ class AsrServer:
             return None if entry is None else entry.describe()
         return FunAsrAdapter(describe, model)
 
-    # -- the streaming protocol (both: chorus' own, and FunASR's through its adapter) ---------
+    # -- connections: accounting shared by /asr, FunASR's protocol and /tts ----------------
     async def _handle(self, ws: ServerConnection) -> None:
         self.connections += 1
         self._handlers[asyncio.current_task()] = ws
+        try:
+            if urllib.parse.urlsplit(ws.request.path).path == "/tts":
+                await self._handle_tts(ws)
+            else:
+                await self._handle_asr(ws)
+        finally:  # every way out of a connection comes through here: the count is returned
+            self._handlers.pop(asyncio.current_task(), None)
+            self.connections -= 1
+
+    # -- the streaming protocol (both: chorus' own, and FunASR's through its adapter) ---------
+    async def _handle_asr(self, ws: ServerConnection) -> None:
         session: AsrSession | None = None
         adapter = self._adapter_for(ws)
         outbox = _Outbox(ws, self.config.max_pending_messages, on_broken=lambda: self.metrics.errors.labels(
@@ -308,8 +335,6 @@ class AsrServer:
                 self.scheduler.submit(lambda s=session: self._drop(s))
             writer.cancel()
             leaving.cancel()
-            self._handlers.pop(asyncio.current_task(), None)
-            self.connections -= 1
 
     async def _hold_back(self, session: AsrSession, outbox: "_Outbox") -> None:
         """Backpressure: while the stream holds more unencoded audio than its bound, stop reading
@@ -404,6 +429,141 @@ class AsrServer:
         asyncio.run_coroutine_threadsafe(outbox.fail_with(error), self.loop)
 
 
+    # -- /tts: the speech-synthesis protocol (chorus.tts.v1) -----------------------------------
+    async def _handle_tts(self, ws: ServerConnection) -> None:
+        """Text in (JSON messages, pieces at a time), audio out (an `audio` header, then its binary frame).
+        The same limits, outbox, accounting and shutdown as `/asr`; synthesis runs on the inference thread."""
+        session: TtsSession | None = None
+        outbox = _Outbox(ws, self.config.max_pending_messages,
+                         on_broken=lambda: self.metrics.errors.labels("internal").inc())
+        writer = asyncio.create_task(outbox.run())
+        leaving = asyncio.ensure_future(self._going_away.wait())
+        started = time.monotonic()
+        cfg = self.config
+        try:
+            while True:
+                remaining = cfg.max_session_seconds - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise ProtocolError("session_limit", f"session longer than {cfg.max_session_seconds:g} s")
+                message = await _receive(ws, leaving, min(cfg.idle_timeout, remaining))
+                if message is _TIMED_OUT:
+                    if time.monotonic() - started >= cfg.max_session_seconds:
+                        continue
+                    if session is not None and (session.busy or outbox.items):  # speaking: not idle
+                        continue
+                    raise ProtocolError("idle_timeout", f"no text or keepalive for {cfg.idle_timeout:g} s")
+                if message is _LEAVING:  # shutdown: speak what was sent, `done`, close 1001
+                    if session is not None:
+                        left = max(0.1, self._shutdown_deadline - self.loop.time())
+                        try:
+                            await self._finish(ws, outbox, self._tts_stop(session, "shutdown"), 1001,
+                                               "server shutting down", left)
+                        except ProtocolError:  # past the grace: closed without its `done`
+                            await _close_discarding(ws, 1001, "server shutting down")
+                    else:
+                        await ws.close(1001, "server shutting down")
+                    return
+                if outbox.failed:
+                    raise ProtocolError("too_slow", "the client is not reading audio")
+                if len(message) > cfg.max_frame_bytes:
+                    raise ProtocolError("frame_too_large", f"frame of {len(message)} bytes exceeds the limit of "
+                                                           f"{cfg.max_frame_bytes} bytes")
+                if isinstance(message, bytes):
+                    raise ProtocolError("bad_message", "/tts takes JSON text messages only, no binary frames")
+                msg = parse_text(message)
+                kind = msg["type"]
+                if kind == "start":
+                    if session is not None:
+                        raise ProtocolError("already_started", "the stream is already started")
+                    session = await self._start_tts(msg, outbox)
+                    continue
+                if kind == "keepalive":
+                    continue
+                if kind not in ("text", "flush", "cancel", "stop"):
+                    raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+                if session is None:
+                    raise ProtocolError("not_started", f"{kind} before start")
+                if kind == "text":
+                    text, flush = parse_tts_text(msg, cfg.max_text_chars)
+                    if session.queued_chars + len(text) > cfg.max_pending_text_chars:
+                        raise ProtocolError("too_much_text", f"more than {cfg.max_pending_text_chars} characters "
+                                                             f"of text waiting to be spoken")
+                    session.push_text(text, flush)
+                elif kind == "flush":
+                    session.push_flush()
+                elif kind == "cancel":
+                    outbox.cancel_epoch(session.cancel())
+                else:  # stop: speak the rest, `done`, close 1000
+                    await self._finish(ws, outbox, self._tts_stop(session, "stop"), 1000, "stopped",
+                                       max(1.0, cfg.max_session_seconds - (time.monotonic() - started)))
+                    return
+                self.scheduler.notify()
+        except ProtocolError as exc:
+            await self._close_with(ws, outbox, exc)
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # keep the server up; tell the client
+            log.exception("connection handler failed")
+            await self._close_with(ws, outbox, ProtocolError("internal", f"server error: {type(exc).__name__}"))
+        finally:
+            if session is not None:
+                self._tts.pop(session.id, None)
+                self.scheduler.submit(lambda s=session: self._drop(s))
+            writer.cancel()
+            leaving.cancel()
+
+    def _tts_stop(self, session: TtsSession, reason: str) -> asyncio.Future:
+        done = self.loop.create_future()
+        session.push_stop(reason, lambda r: self.loop.call_soon_threadsafe(_settle, done, r))
+        self.scheduler.notify()
+        return done
+
+    async def _start_tts(self, msg: dict, outbox: "_Outbox") -> TtsSession:
+        req = parse_tts_start(msg, self.config.tts_max_wait_ms)
+        entry = self.voices.get(req.voice)
+        if entry is None:
+            raise ProtocolError("unknown_voice", f"unknown voice {req.voice!r}; available: {self.voices.names()}")
+        stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        session = TtsSession(stream_id, req, entry, outbox.post_threadsafe(self.loop), self._on_tts_failure,
+                             unsent_bytes=lambda: outbox.pending_bytes,
+                             max_unsent_seconds=self.config.max_buffered_seconds)
+        opened = self.loop.create_future()
+
+        def open_on_thread():
+            try:
+                session.open()
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                self.loop.call_soon_threadsafe(_settle, opened, exc)
+                return
+            self.scheduler.add(session)
+            self.loop.call_soon_threadsafe(_settle, opened, None)
+
+        self.scheduler.submit(open_on_thread)
+        error = await opened
+        if isinstance(error, PoolExhausted):
+            raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of voice "
+                                              f"{entry.name!r} are busy; try again later")
+        if isinstance(error, ProtocolError):
+            raise error
+        if error is not None:
+            raise ProtocolError("internal", f"could not open the stream: {type(error).__name__}")
+        self._tts[stream_id] = (session, outbox)
+        self.metrics.streams.labels(entry.name).inc()
+        outbox.send({"type": "ready", "protocol": TTS_PROTOCOL, "stream_id": stream_id, "voice": entry.name,
+                     "family": entry.model.family, "sample_rate": session.sample_rate, "encoding": req.encoding,
+                     "voice_sample_rate": entry.model.sample_rate, **session.settings,
+                     "max_wait_ms": req.max_wait_ms, "max_text_chars": self.config.max_text_chars})
+        return session
+
+    def _on_tts_failure(self, session: TtsSession, error: ProtocolError) -> None:
+        """On the inference thread: a TTS stream failed (unsupported text, synthesis error)."""
+        entry = self._tts.get(session.id)
+        if entry is None or self.loop is None:
+            return
+        self.metrics.errors.labels(error.code).inc()
+        asyncio.run_coroutine_threadsafe(entry[1].fail_with(error), self.loop)
+
+
 class _Outbox:
     """Messages to one client, sent in order by one task.
 
@@ -417,6 +577,8 @@ class _Outbox:
     def __init__(self, ws: ServerConnection, limit: int, on_broken: Callable[[], None] = lambda: None,
                  translate: Callable[[dict], list[dict]] | None = None):
         self.ws = ws
+        self.epoch = 0           # messages of an older `_epoch` (a TTS cancel) are dropped unsent
+        self.pending_bytes = 0   # binary payloads queued and not yet sent
         self.limit = limit
         self.translate = translate or (lambda msg: [msg])
         self.items: collections.deque[dict] = collections.deque()
@@ -429,7 +591,7 @@ class _Outbox:
         self._closing = False
 
     def send(self, msg: dict) -> None:
-        if self.closed:
+        if self.closed or msg.get("_epoch", self.epoch) < self.epoch:
             return
         if msg["type"] == "partial" and self.items and self.items[-1]["type"] == "partial":
             self.items[-1] = msg
@@ -438,6 +600,7 @@ class _Outbox:
             return
         else:
             self.items.append(msg)
+            self.pending_bytes += len(msg.get("_binary", b""))
         self._idle.clear()
         self._wake.set()
 
@@ -450,7 +613,15 @@ class _Outbox:
                 await self._wake.wait()
                 self._wake.clear()
                 while self.items:
-                    for out in self.translate(self.items.popleft()):
+                    msg = self.items.popleft()
+                    binary = msg.get("_binary")
+                    if binary is not None or "_epoch" in msg:  # a TTS message: private keys stay here
+                        self.pending_bytes -= len(binary or b"")
+                        await self.ws.send(dumps({k: v for k, v in msg.items() if not k.startswith("_")}))
+                        if binary is not None:
+                            await self.ws.send(binary)  # the audio right after its header
+                        continue
+                    for out in self.translate(msg):
                         await self.ws.send(dumps(out))
                 self._idle.set()
         except ConnectionClosed:
@@ -469,6 +640,13 @@ class _Outbox:
             self.closed = True
             self.items.clear()
             self._idle.set()
+
+    def cancel_epoch(self, epoch: int) -> None:
+        """A TTS cancel: drop every queued message of an older epoch (audio not yet sent) at once."""
+        self.epoch = epoch
+        kept = collections.deque(m for m in self.items if m.get("_epoch", epoch) >= epoch)
+        self.pending_bytes = sum(len(m.get("_binary", b"")) for m in kept)
+        self.items = kept
 
     async def drain(self) -> None:
         await self._idle.wait()

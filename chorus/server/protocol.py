@@ -35,6 +35,11 @@ CLOSE_CODES = {
     "session_limit": 1008,
     "too_slow": 1008,             # the client does not read results
     "internal": 1011,
+    # chorus.tts.v1 (/tts, tts_protocol.py)
+    "unknown_voice": 1008,        # `voice` is not in the server's voice registry
+    "text_too_long": 1009,        # one `text` message longer than the server's limit
+    "too_much_text": 1008,        # text queued and not yet spoken above the server's limit
+    "unsupported_text": 1003,     # characters the voice cannot speak
 }
 
 

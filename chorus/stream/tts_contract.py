@@ -65,6 +65,9 @@ class Mark:
     text: str
     start: int
     end: int
+    raw: str = field(default="", compare=False, repr=False)  # the text as received, with its trailing whitespace
+                                                              # (a blank line after a sentence changes how it
+                                                              # ends): what the family speaks
 
 
 @dataclass
@@ -127,12 +130,14 @@ class TtsStream(ABC):
         self.flush()
         self._finished = True
 
-    def cancel(self) -> int:
+    def cancel(self, skipped_chars: int = 0) -> int:
         """Drop pending text and unsynthesized segments at once; returns how many segments were dropped.
-        Offsets and segment numbers go on counting."""
+        Offsets and segment numbers go on counting (`skipped_chars`: text the consumer dropped before it got
+        here, which offsets count too)."""
         dropped = len(self._segments)
         self._segments.clear()
-        self._pending_start += len(self._pending)
+        self.chars_in += skipped_chars
+        self._pending_start += len(self._pending) + skipped_chars
         self._pending = ""
         return dropped
 
@@ -151,7 +156,7 @@ class TtsStream(ABC):
                 lead = len(piece) - len(piece.lstrip())
                 text = piece.strip()
                 offset = self._pending_start + start + lead
-                self._segments.append(_Segment(Mark(self.segments_made, text, offset, offset + len(text)),
+                self._segments.append(_Segment(Mark(self.segments_made, text, offset, offset + len(text), piece),
                                                time.monotonic()))
                 self.segments_made += 1
             start = end

@@ -75,6 +75,8 @@ class PiperModel(Voice):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_NOISE:
                 raise UnsupportedOption(f"option {key} must be a number in 0..{MAX_NOISE}")
             values[key] = float(value)
+        if self.voice.config.num_speakers <= 1 and request.speaker not in (None, 0):
+            raise UnsupportedOption(f"speaker {request.speaker!r}: this voice has one speaker")
         try:
             sid = self.voice._speaker(request.speaker)
         except ValueError as exc:
@@ -91,7 +93,7 @@ class PiperModel(Voice):
         segmenter.finish()
         out = []
         while segmenter._segments:
-            out.append(self.speak_segment([self.voice.sentence_ids(segmenter.next_segment().text)], scales, sid,
+            out.append(self.speak_segment([self.voice.sentence_ids(segmenter.next_segment().raw)], scales, sid,
                                           batch=False)[0])
         return out
 
@@ -171,9 +173,9 @@ class PiperEngine(TtsEngine):
         marks = [s.next_segment() for s in streams]
         voice = self.model.voice
         if len(marks) > 1:  # espeak-ng is a process per call: run them side by side
-            items = list(self._phonemizers.map(lambda m: voice.sentence_ids(m.text), marks))
+            items = list(self._phonemizers.map(lambda m: voice.sentence_ids(m.raw), marks))
         else:
-            items = [voice.sentence_ids(marks[0].text)]
+            items = [voice.sentence_ids(marks[0].raw)]
         first = streams[0]
         audio = self.model.speak_segment(items, first.scales, first.sid, self.batch)
         return [s.output(a, m) for s, a, m in zip(streams, audio, marks)]
