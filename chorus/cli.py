@@ -137,6 +137,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_voices(args: argparse.Namespace):
+    """The voices of /tts: the installed default voice (unless --no-default-voice) and each --voice [NAME=]PATH."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from .server.registry import ModelRegistry
+    from .tts.families import VoiceNotFound, default_voice_path, load_voice
+
+    log = logging.getLogger("chorus.serve")
+    voices = ModelRegistry()
+    specs = []
+    for spec in args.voice:
+        name, _, path = spec.rpartition("=")
+        specs.append((name or None, path))
+    for _, path in specs:  # every path checked before anything is loaded
+        if not Path(path).exists():
+            raise ValueError(f"--voice {path}: no such file")
+    if not args.no_default_voice:
+        try:
+            specs.insert(0, (None, str(default_voice_path())))
+        except VoiceNotFound as exc:
+            log.warning("no default voice for /tts: %s", exc)
+    for name, path in specs:
+        voice = load_voice(path)
+        voices.add(name or voice.describe().get("voice") or Path(path).stem, voice,
+                   slots=args.voice_slots or args.slots)
+    if voices.names() and shutil.which("espeak-ng") is None:
+        log.warning("espeak-ng is not installed: Piper voices need it for their phonemes (apt-get install espeak-ng)")
+    return voices
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -156,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # --lm names the default model's LM; other models get beam search without one when --beam > 1
         decoding = _decoding(args) if name == "default" else DecodingDefaults(beam_size=args.beam, lm="none")
         registry.add(name, load_model(path, args.device, decoding), slots=args.slots)
+    voices = _load_voices(args)
     tokens = tuple(t for t in (args.token or []) if t)
     if os.environ.get("CHORUS_TOKEN"):
         tokens += (os.environ["CHORUS_TOKEN"],)
@@ -165,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           allowed_origins=tuple(args.allowed_origin or ()), batch_wait_ms=args.batch_wait_ms,
                           max_batch=args.max_batch, tls_cert=args.tls_cert, tls_key=args.tls_key,
                           shutdown_grace=args.shutdown_grace, max_buffered_seconds=args.max_buffered_seconds)
-    server = AsrServer(registry, config)
+    server = AsrServer(registry, config, voices)
     asyncio.run(server.serve_forever())  # until SIGTERM or SIGINT, then a graceful shutdown
     return 0
 
@@ -297,12 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per score")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("serve", help="run the WebSocket transcription server")
+    s = sub.add_parser("serve", help="run the WebSocket speech server (/asr, /tts)")
     _add_model_args(s)
     s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH",
                    help="offer another model (.nemo or FunASR directory) under NAME (clients pick it with "
                         "start.model)")
     _add_decoding_args(s)
+    s.add_argument("--voice", action="append", default=[], metavar="[NAME=]PATH",
+                   help="offer a TTS voice on /tts (a Piper X.onnx with X.onnx.json; repeatable); the installed "
+                        "default voice (en_US-joe-medium) is offered first and is the default")
+    s.add_argument("--no-default-voice", action="store_true", help="do not offer the installed default voice")
+    s.add_argument("--voice-slots", type=int, default=None, help="concurrent /tts streams per voice (default: --slots)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--slots", type=int, default=64, help="concurrent streams per model (state-pool slots)")

@@ -168,6 +168,8 @@ class AsrServer:
         log.info("chorus serving %s on ws%s://%s:%d/asr (FunASR's protocol: ws%s://%s:%d/; browser demo: "
                  "http%s://%s:%d/)", self.registry.names(), s, self.config.host, self.port, s, self.config.host,
                  self.port, s, self.config.host, self.port)
+        if self.voices.names():
+            log.info("voices %s on ws%s://%s:%d/tts", self.voices.names(), s, self.config.host, self.port)
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, signalled.set)
