@@ -132,7 +132,7 @@
       fail(`could not load the model list (GET /models): ${err.message}`);
       return false;
     }
-    demo.models = Array.isArray(list) ? list : [];
+    demo.models = (Array.isArray(list) ? list : []).filter((m) => m.kind !== "tts");  // voices: speak.js
     ui.model.replaceChildren(...demo.models.map((m) => option(m.name, `${m.name} (${m.slots} slots)`)));
     const wanted = params.get("model");
     if (wanted && !demo.models.some((m) => m.name === wanted)) ui.model.append(option(wanted, wanted));
