@@ -412,3 +412,21 @@ def test_graceful_shutdown_finishes_tts_streams(voice_path):
             srv.stop()
         except Exception:  # noqa: BLE001 - shutdown already stopped it
             pass
+
+
+def test_speak_demo_url_mode_writes_what_the_server_speaks(server, voice, tmp_path):
+    import subprocess
+
+    import soundfile as sf
+    out = tmp_path / "remote.wav"
+    text = "Hello there. How are you?\nBob is here.\n"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "demos" / "speak.py"), "-", "--url",
+                           server.url, "--voice", "tiny", "-o", str(out)], input=text.encode(), capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == voice.sample_rate
+    # stdin goes line by line, each line its own text message: the same sentences as the whole text
+    want = np.concatenate(offline(voice, text))
+    assert audio.shape == want.shape and np.max(np.abs(audio - want)) <= 1e-4
+    assert "How are you?" in proc.stderr.decode()
