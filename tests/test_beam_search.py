@@ -8,7 +8,7 @@ from chorus.asr.conformer.checkpoint import load_fastconformer
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.ngram import NgramLM, estimate_kneser_ney
 from chorus.asr.conformer.family import BUNDLED_LM, make_search
-from chorus.asr.families import default_model_path
+from chorus.asr.conformer.family import BUNDLED_MODEL
 from chorus.stream.contract import UnsupportedOption
 from chorus.stream.scheduler import run_to_end, step_ready
 from chorus.stream.chunking import whole_utterance_chunks
@@ -253,8 +253,8 @@ def bundled():
         pytest.skip("the bundled LM is not in this checkout")
     from chorus.codecs import read_audio
 
-    loaded = load_fastconformer(default_model_path())
-    audio, rate = read_audio(default_model_path().parents[1] / "samples" / "held_out_voice.flac")
+    loaded = load_fastconformer(BUNDLED_MODEL)
+    audio, rate = read_audio(BUNDLED_MODEL.parents[1] / "samples" / "held_out_voice.flac")
     return loaded, make_search(loaded), audio, rate
 
 

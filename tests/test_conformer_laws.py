@@ -206,11 +206,11 @@ def test_encoder_only_step_matches_the_full_step(model):
 def bundled():
     """The shipped default model (trained weights) and the log-mel of the bundled sample."""
     from chorus.asr.conformer.checkpoint import load_fastconformer
-    from chorus.asr.families import default_model_path
+    from chorus.asr.conformer.family import BUNDLED_MODEL
     from chorus.codecs import read_audio
 
-    loaded = load_fastconformer(default_model_path())
-    audio, rate = read_audio(default_model_path().parents[1] / "samples" / "held_out_voice.flac")
+    loaded = load_fastconformer(BUNDLED_MODEL)
+    audio, rate = read_audio(BUNDLED_MODEL.parents[1] / "samples" / "held_out_voice.flac")
     assert rate == loaded.model.frontend.config.sample_rate
     return loaded.model, loaded.model.frontend.offline(audio)
 

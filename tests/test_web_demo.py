@@ -32,7 +32,7 @@ from websockets.sync.client import connect
 import chorus
 from chorus.asr.conformer.checkpoint import load_fastconformer, save_fastconformer
 from chorus.asr.conformer.family import ConformerModel, make_search
-from chorus.asr.families import default_model_path
+from chorus.asr.conformer.family import BUNDLED_MODEL
 from chorus.asr.textnorm import normalize_text
 from chorus.asr.transcribe import transcribe_files
 from chorus.stream.contract import StreamRequest
@@ -68,7 +68,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary to 
 
 
 def use_default_model() -> bool:
-    return default_model_path().is_file() and SAMPLE_AUDIO.is_file() and SAMPLE_TEXT.is_file()
+    return BUNDLED_MODEL.is_file() and SAMPLE_AUDIO.is_file() and SAMPLE_TEXT.is_file()
 
 
 # ------------------------------------------------------------------------------------ the browser
@@ -214,7 +214,7 @@ def setup(tmp_path_factory) -> MicSetup:
         clip, rate = read_audio(SAMPLE_AUDIO)
         if rate not in (16000, 48000):
             clip, rate = resample(clip, rate, 16000), 16000
-        model, reference = default_model_path(), SAMPLE_TEXT.read_text()
+        model, reference = BUNDLED_MODEL, SAMPLE_TEXT.read_text()
     else:
         model, reference, rate = tmp / "tiny.nemo", None, 16000
         save_fastconformer(model, tiny_model(seed=11), train_tokenizer())
