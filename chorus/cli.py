@@ -7,8 +7,10 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a NeMo cache-aware FastConformer .nemo file or a FunASR streaming Paraformer "
-                                   "model directory (default: the bundled model)")
+    p.add_argument("--model", help="a NeMo cache-aware FastConformer .nemo file, a FunASR streaming Paraformer "
+                                   "model directory, a Whisper checkpoint (OpenAI/CarelessWhisper .pt, Hugging Face or "
+                                   "CTranslate2 directory), or a bundled name: whisper-tiny.en (the default) or "
+                                   "fastconformer")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 

@@ -211,7 +211,7 @@ def test_a_two_minute_stream_stays_bounded(tiny):
 def test_describe_options_and_refusals(tiny):
     d = tiny.describe()
     assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window"]
-    assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 1000
+    assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 2000
     engine = tiny.make_engine(slots=1)
     for bad in ({"mode": "offline"}, {"block_ms": 300}, {"chunk_size": [0, 10, 5]}, {"look_back": -1}):
         with pytest.raises(UnsupportedOption):
@@ -219,7 +219,7 @@ def test_describe_options_and_refusals(tiny):
     with pytest.raises(UnsupportedOption):
         engine.open(StreamRequest(beam_size=4))
     s = engine.open(StreamRequest(lookahead_ms=500))  # the block length, under the protocol's name
-    assert s.settings["options"] == {"mode": "window", "block_ms": 500, "look_back": 2} and s.settings["chunk_ms"] == 500
+    assert s.settings["options"] == {"mode": "causal", "block_ms": 500, "look_back": 2} and s.settings["chunk_ms"] == 500
     s.close()
     with pytest.raises(ValueError):
         load_model(tiny.path, "cpu", __import__("chorus.stream.contract", fromlist=["x"]).DecodingDefaults(beam_size=4))

