@@ -198,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, max_session_seconds=args.max_session_seconds,
                           idle_timeout=args.idle_timeout, auth_tokens=tokens,
                           allowed_origins=tuple(args.allowed_origin or ()), batch_wait_ms=args.batch_wait_ms,
-                          max_batch=args.max_batch, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          max_batch=args.max_batch, tts_max_batch=args.tts_max_batch, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key,
                           shutdown_grace=args.shutdown_grace, max_buffered_seconds=args.max_buffered_seconds)
     server = AsrServer(registry, config, voices)
     asyncio.run(server.serve_forever())  # until SIGTERM or SIGINT, then a graceful shutdown
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-origin", action="append", help="allow browser pages from this origin")
     s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a step waits to fill its batch")
     s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--tts-max-batch", type=int, default=1,
+                   help="/tts streams per synthesis step (its own thread); 1 (default) because a padded Piper batch "
+                        "is slower than one sentence at a time on a CPU (bench/README.md); raise it on a GPU")
     s.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// and https:// (browsers allow the "
                                       "microphone only on https or localhost)")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert (if not in the same file)")

@@ -86,7 +86,7 @@ def server(voice_path, model_path):
     voices.add("tiny", load_voice(voice_path), slots=SLOTS)
     voices.add("small", load_voice(voice_path), slots=1)
     srv = VoiceServer(registry, ServerConfig(port=0, idle_timeout=3.0, batch_wait_ms=5, max_text_chars=500,
-                                             max_pending_text_chars=2000), voices)
+                                             max_pending_text_chars=2000, tts_max_batch=8), voices)
     yield srv
     srv.stop()
 

@@ -61,6 +61,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()    # browser Origin allow-list; empty = any
     batch_wait_ms: float = 10.0
     max_batch: int = 64
+    tts_max_batch: int = 1                   # TTS streams per synthesis step: Piper on a CPU is faster one by one
     web_root: Path | None = field(default_factory=lambda: WEB_ROOT if WEB_ROOT.exists() else None)
     tls_cert: str | None = None              # serve wss:// and https:// with this certificate chain
     tls_key: str | None = None
@@ -82,6 +83,12 @@ class AsrServer:
             on_step=lambda model, size, seconds: (self.metrics.batch_sizes.labels(model).observe(size),
                                                   self.metrics.step_seconds.labels(model).observe(seconds)),
             on_audio=lambda session, seconds: self.metrics.audio_seconds.labels(session.entry.name).inc(seconds))
+        # Synthesis runs on a thread of its own (the same scheduler code), so that a long TTS step
+        # never holds the ASR streams' steps; onnxruntime and torch release the GIL while they compute.
+        self.tts_scheduler = Scheduler(
+            max_batch=self.config.tts_max_batch,
+            on_step=lambda model, size, seconds: (self.metrics.batch_sizes.labels(model).observe(size),
+                                                  self.metrics.step_seconds.labels(model).observe(seconds)))
         self._tts: dict[str, tuple[TtsSession, "_Outbox"]] = {}
         self._ids = itertools.count(1)
         self.connections = 0
@@ -121,6 +128,7 @@ class AsrServer:
         self.loop = asyncio.get_running_loop()
         self._going_away = asyncio.Event()
         self.scheduler.start()
+        self.tts_scheduler.start(name="chorus-tts")
         cfg = self.config
         ssl_context = None
         if cfg.tls_cert:  # browsers allow the microphone only on https:// (or localhost)
@@ -139,6 +147,7 @@ class AsrServer:
             self._server.close()
             await self._server.wait_closed()
         self.scheduler.stop()
+        self.tts_scheduler.stop()
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Graceful stop (SIGTERM): accept nothing new, let every open stream flush its audio and
@@ -416,10 +425,10 @@ class AsrServer:
         self.scheduler.notify()
         return done
 
-    def _drop(self, session: AsrSession) -> None:
+    def _drop(self, session: AsrSession | TtsSession, scheduler: Scheduler | None = None) -> None:
         """On the inference thread: the connection is gone; return the slot."""
         session.close()
-        self.scheduler.discard(session)
+        (scheduler or self.scheduler).discard(session)
 
     def _on_session_failure(self, session: AsrSession, error: ProtocolError) -> None:
         """On the inference thread: a stream failed (bad audio, model error)."""
@@ -499,7 +508,7 @@ class AsrServer:
                     await self._finish(ws, outbox, self._tts_stop(session, "stop"), 1000, "stopped",
                                        max(1.0, cfg.max_session_seconds - (time.monotonic() - started)))
                     return
-                self.scheduler.notify()
+                self.tts_scheduler.notify()
         except ProtocolError as exc:
             await self._close_with(ws, outbox, exc)
         except ConnectionClosed:
@@ -510,14 +519,14 @@ class AsrServer:
         finally:
             if session is not None:
                 self._tts.pop(session.id, None)
-                self.scheduler.submit(lambda s=session: self._drop(s))
+                self.tts_scheduler.submit(lambda s=session: self._drop(s, self.tts_scheduler))
             writer.cancel()
             leaving.cancel()
 
     def _tts_stop(self, session: TtsSession, reason: str) -> asyncio.Future:
         done = self.loop.create_future()
         session.push_stop(reason, lambda r: self.loop.call_soon_threadsafe(_settle, done, r))
-        self.scheduler.notify()
+        self.tts_scheduler.notify()
         return done
 
     async def _start_tts(self, msg: dict, outbox: "_Outbox") -> TtsSession:
@@ -537,10 +546,10 @@ class AsrServer:
             except Exception as exc:  # noqa: BLE001 - reported to the client
                 self.loop.call_soon_threadsafe(_settle, opened, exc)
                 return
-            self.scheduler.add(session)
+            self.tts_scheduler.add(session)
             self.loop.call_soon_threadsafe(_settle, opened, None)
 
-        self.scheduler.submit(open_on_thread)
+        self.tts_scheduler.submit(open_on_thread)
         error = await opened
         if isinstance(error, PoolExhausted):
             raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of voice "

@@ -244,8 +244,8 @@ class Scheduler:
         job.fail(error)
 
     # -- the inference thread (the server) ---------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="chorus-inference", daemon=True)
+    def start(self, name: str = "chorus-inference") -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
