@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 from ..stream.tts_contract import Voice, VoiceFamily
+from .matcha.family import FAMILY as MATCHA
 from .piper.family import FAMILY as PIPER
 
-FAMILIES: tuple[VoiceFamily, ...] = (PIPER,)
+FAMILIES: tuple[VoiceFamily, ...] = (PIPER, MATCHA)
 DEFAULT_VOICE_NAME = "default"
 
 
@@ -35,9 +36,15 @@ def family_of(path: Path) -> VoiceFamily:
     raise ValueError(f"{path}: not a voice chorus can load; it reads " + "; ".join(f.formats for f in FAMILIES))
 
 
-def load_voice(path: str | os.PathLike | None = None) -> Voice:
-    """Load a voice of any family (the installed default voice when `path` is None)."""
+def load_voice(path: str | os.PathLike | None = None, vocoder: str | os.PathLike | None = None) -> Voice:
+    """Load a voice of any family (the installed default voice when `path` is None).  `vocoder`: the separate
+    vocoder of a two-part voice (a Matcha `.ckpt` and its HiFi-GAN generator); refused for other families."""
     path = default_voice_path() if path is None else Path(path)
     if not path.exists():
         raise VoiceNotFound(f"voice {path} does not exist")
-    return family_of(path).load(path)
+    family = family_of(path)
+    if vocoder is None:
+        return family.load(path)
+    if family is not MATCHA:
+        raise ValueError(f"{path}: a {family.name} voice takes no separate vocoder")
+    return family.load(path, vocoder)
