@@ -236,7 +236,7 @@ def test_tts_server_streams_matcha_voices(files, voice, model_path):
         results = asyncio.run(asyncio.wait_for(clients(), 120))
         for (text, seed, cf), (messages, code) in zip(cases, results):
             assert code == 1000, messages[-2:]
-            assert messages[0]["type"] == "ready" and messages[0]["family"] == "matcha"
+            assert messages[0]["type"] == "ready" and messages[0]["family"] == "matcha" and messages[0]["seed"] == seed
             want = voice.synthesize(text, SpeechRequest(seed=seed, options={"n_timesteps": 3}))
             got = audio_of(messages, "pcm_f32le")
             per_segment = {}
