@@ -8,7 +8,7 @@ as `chorus transcribe` runs it (`load_model`, `make_engine`, `transcribe_files`:
 the model's default decoding). Reference and hypothesis both go through `chorus.asr.textnorm.normalize_text`.
 WER is the corpus WER (errors over reference words, jiwer), with the worst sentences printed for reading.
 
-    .venv/bin/python bench/tts_roundtrip.py                                   # default voice; default ASR + fastconformer
+    .venv/bin/python bench/tts_roundtrip.py          # the default voice; the default ASR and the fastconformer
     .venv/bin/python bench/tts_roundtrip.py --asr default --asr whisper-tiny.en --voice X.onnx --keep /tmp/rt
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voice", default=None, help="voice path (default: the installed default voice)")
     ap.add_argument("--asr", action="append", default=None,
-                    help="ASR model: a path, a bundled name, or 'default' (repeatable; default: default, fastconformer)")
+                    help="ASR model: a path, a bundled name, or 'default' (repeatable; default: default, "
+                         "fastconformer)")
     ap.add_argument("--worst", type=int, default=5)
     ap.add_argument("--keep", default=None, help="write the WAV files here (default: a temporary folder)")
     args = ap.parse_args()

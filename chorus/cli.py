@@ -420,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "start.model)")
     _add_decoding_args(s)
     s.add_argument("--voice", action="append", default=[], metavar="[NAME=]PATH",
-                   help="offer a TTS voice on /tts (a Piper X.onnx with X.onnx.json; repeatable); the installed "
-                        "default voice (en_US-joe-medium) is offered first and is the default")
+                   help="offer a TTS voice on /tts (a Piper X.onnx with X.onnx.json; a Matcha model.ckpt with its "
+                        "HiFi-GAN generator and config.json beside it, NAME=model.ckpt,vocoder=GENERATOR, or a "
+                        "directory of the three; repeatable); the installed default voice (en_US-joe-medium) is "
+                        "offered first and is the default")
     s.add_argument("--no-default-voice", action="store_true", help="do not offer the installed default voice")
     s.add_argument("--voice-slots", type=int, default=None, help="concurrent /tts streams per voice (default: --slots)")
     s.add_argument("--host", default="127.0.0.1")

@@ -24,7 +24,7 @@ from chorus.stream.tts_contract import SpeechRequest, UnsupportedOption  # noqa:
 from chorus.tts.families import load_voice  # noqa: E402
 from chorus.tts.hifigan import load_hifigan  # noqa: E402
 from chorus.tts.matcha import load_matcha, text_to_ids  # noqa: E402
-from chorus.tts.matcha.family import MatchaVoice, NotAMatchaVoice  # noqa: E402
+from chorus.tts.matcha.family import NotAMatchaVoice  # noqa: E402
 
 TEXT = "Hello there. How are you today? A ball, a bell."
 VOCODER = dict(V1_SMALL, num_mels=20, upsample_initial_channel=16)
@@ -260,10 +260,12 @@ def test_tts_server_streams_matcha_voices(files, voice, model_path):
 def test_serve_names_a_matcha_voice_and_its_vocoder(files):
     from chorus.cli import _load_voices, build_parser
     args = build_parser().parse_args(["serve", "--no-default-voice", "--voice",
-                                      f"lj={files['apart']},vocoder={files['generator']}", "--voice", str(files["dir"])])
+                                      f"lj={files['apart']},vocoder={files['generator']}",
+                                      "--voice", str(files["dir"])])
     voices = _load_voices(args)
     assert voices.names() == ["lj", "ljs"]
     assert voices.get("lj").model.describe()["vocoder"] == "g_02500000"
-    bad = build_parser().parse_args(["serve", "--no-default-voice", "--voice", f"{files['apart']},vocoder=/nonexistent"])
+    bad = build_parser().parse_args(["serve", "--no-default-voice", "--voice",
+                                     f"{files['apart']},vocoder=/nonexistent"])
     with pytest.raises(ValueError, match="no such file"):
         _load_voices(bad)
