@@ -230,7 +230,7 @@ def test_a_flood_is_bounded_and_a_real_time_stream_keeps_its_latency(make_server
         await asyncio.sleep(0.5)  # the flood is in full swing
         audio = speech(4.0, seed=8)
         async with connect(srv.url) as ws:
-            await ws.send(json.dumps({"type": "start", "endpointing": False, "lookahead_ms": 80}))
+            await ws.send(json.dumps({"type": "start", "endpointing": False, "lookahead_ms": 480}))
             kinds[json.loads(await ws.recv())["stream_id"]] = "live"
             sent_at = []
             results = []
@@ -258,13 +258,13 @@ def test_a_flood_is_bounded_and_a_real_time_stream_keeps_its_latency(make_server
     sent, (lags, code) = run(both())
     sampling.set()
     sampler.join()
-    limit = 2.0  # the configured bound (above two 160 ms chunks, so it is the one in force)
+    limit = 2.0  # the configured bound (above two chunks plus 0.25 s, so it is the one in force)
     print(f"flood sent {sent:.1f} s; peak backlog {peaks}; live result lag max {max(lags):.3f} s")
     assert code == 1000 and lags
     assert sent > 2 * limit  # the flooder did try to send far ahead
     assert peaks["flood"] <= limit + 0.2 + 0.05, peaks  # the bound plus one 200 ms frame
-    assert peaks["live"] <= 2 * 0.16 + 0.1, peaks       # never more than two chunks behind
-    assert max(lags) < 0.16 + 0.15, lags                 # results within a chunk (plus scheduling slack)
+    assert peaks["live"] <= 2 * 0.56 + 0.1, peaks       # never more than two 560 ms chunks behind
+    assert max(lags) < 0.56, lags                        # every result within its chunk (it was 3.6 s)
     srv.wait_idle()
 
 
