@@ -144,11 +144,20 @@ def machine_busy_seconds() -> float:
     return (sum(vals[:8]) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
 
 
+MODEL = "fastconformer"  # --model: the bundled FastConformer by name (the figures were taken with it)
+
+
+def set_model(name: str) -> None:
+    global MODEL
+    MODEL = name
+
+
 class Server:
     def __init__(self, name: str, extra: list[str], workdir: Path):
         self.name = name
         self.log_path = workdir / f"server-{name}.log"
-        self.args = [sys.executable, "-m", "chorus.cli", "serve", "--device", "cpu", "--port", "0", *extra]
+        self.args = [sys.executable, "-m", "chorus.cli", "serve", "--device", "cpu", "--port", "0",
+                     "--model", MODEL, *extra]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         self.port: int | None = None
@@ -827,8 +836,10 @@ def main() -> int:
     ap.add_argument("--sigterm-after", type=float, default=3.0, help="seconds of streaming before SIGTERM")
     ap.add_argument("--grace", type=float, default=10.0, help="the server's --shutdown-grace")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=MODEL, help="what the server serves (a path or a bundled name)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
+    set_model(args.model)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     sys.path.insert(0, str(REPO))
 

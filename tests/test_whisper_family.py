@@ -20,7 +20,6 @@ from chorus.asr.families import bundled_models, default_model_path, load_model, 
 from chorus.asr.transcribe import stream_alone, transcribe_files
 from chorus.asr.whisper.family import WhisperModel
 from chorus.asr.whisper.frontend import IncrementalLogMel, normalise
-from chorus.asr.whisper.loader import CausalConfig
 from chorus.asr.whisper.model import HOP_LENGTH, N_FFT, mel_filters, pad_or_trim
 from chorus.asr.whisper.runtime import encode_causal, repeated_tail
 from chorus.asr.whisper.streaming import EncoderState, encode_block
@@ -251,7 +250,6 @@ def test_named_models_and_the_default():
 
 def test_the_server_streams_whisper(tiny_path, tmp_path):
     from test_server import ServerThread, finals_text, run, stream_file
-    from websockets.asyncio.client import connect  # noqa: F401  (test_server's client)
 
     registry = ModelRegistry()
     registry.add("whisper", load_model(tiny_path, "cpu"), slots=4)

@@ -122,8 +122,8 @@ def transcribe_files(engine: Engine, files: Iterable[str], request: StreamReques
                 scheduler.discard(job)
                 job.stream.close()
                 stream = job.stream
-                done[job.index] = FileResult(job.name, stream.text, stream.hypothesis.ids, stream.words(), label,
-                                             lookahead_ms, len(job.audio) / job.rate,
+                done[job.index] = FileResult(job.name, stream.text.strip(), stream.hypothesis.ids, stream.words(),
+                                             label, lookahead_ms, len(job.audio) / job.rate,
                                              str(job.error) if job.error else None)
             while next_out in done:
                 yield done.pop(next_out)

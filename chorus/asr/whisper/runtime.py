@@ -112,7 +112,7 @@ def encode_causal(rt: WhisperRuntime, handles: list, mel: list[Tensor], n_frames
     """One causal block per stream (`encode_block` for a batch at any positions): `mel[b]` holds
     mel frames 2t0 .. 2(t0 + n_b) (`2 n_b + 1`, the last `2 n_b + 1 - mel_valid[b]` padding);
     returns each stream's `[n_b, D]` encoder frames and extends its encoder and cross K/V."""
-    model, enc = rt.model, rt.model.encoder
+    enc = rt.model.encoder
     b = len(handles)
     nmax = max(n_frames)
     slots = rt.pool.index([h[0] for h in handles])
