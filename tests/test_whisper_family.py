@@ -154,6 +154,22 @@ def test_repeated_tail_finds_loops_and_spares_speech():
     assert repeated_tail([1, 2, 3, 4, 5, 6], 0) == 0
 
 
+def test_the_last_causal_block_is_padded_with_silence(tiny):
+    """Past the end of a stream the block is padded as Whisper pads audio (silence: the log-mel floor);
+    padding with 0 (a loud frame in log10 units) made tiny.en hear words after the last one."""
+    engine = tiny.make_engine(slots=1)
+    stream = engine.open(StreamRequest(options={"mode": "causal", "block_ms": 500}))
+    try:
+        stream.accept_audio(speechlike(0.3, 4))
+        stream.finish()
+        plan = stream.plan_step()
+        pad = plan["mel"][:, plan["valid"]:]
+        assert pad.shape[1] > 0 and plan["last"]
+        assert torch.allclose(pad, torch.full_like(pad, (stream.maximum - 8 + 4) / 4))
+    finally:
+        stream.close()
+
+
 def test_a_looping_model_is_stopped_by_the_guards(tiny_path):
     """A random model loops; each block's decode stops at the loop or the token rate, and the window
     never holds more tokens than its audio allows."""

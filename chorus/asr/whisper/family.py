@@ -38,7 +38,7 @@ import torch
 from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, Stream, StreamRequest, Token,
                                 UnsupportedOption)
 from .decoding import suppress_tokens
-from .frontend import IncrementalLogMel, normalise
+from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
@@ -272,8 +272,10 @@ class WhisperStream(Stream):
             n = (k + 1) // 2
             n = min(n, self.capacity - frames)
             take = min(k, 2 * n)
+            # past the end: silence (Whisper pads audio with zeros, whose log-mel is the floor), not 0, which
+            # is a loud frame in log10 units and made the model hear words in the padding
             mel = self.pending[:, :take] if self.mode == "window" else torch.nn.functional.pad(
-                self.pending[:, :take], (0, 2 * n + 1 - take))
+                self.pending[:, :take], (0, 2 * n + 1 - take), value=FLOOR)
             valid = take
         last = self.finished and self.pending.shape[1] - take <= 0
         after = frames + n

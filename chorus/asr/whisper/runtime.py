@@ -304,7 +304,8 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
                 continue
             j.tokens.append(t)
             j.logprobs.append(float(torch.log_softmax(row.float(), -1)[t]))
-            cut = repeated_tail(j.tokens, j.committed)
+            # a loop whose first copy is already committed is a loop too: look at the whole window, cut only the tail
+            cut = min(repeated_tail(j.tokens, 0), len(j.tokens) - j.committed)
             if cut:
                 del j.tokens[-cut:]
                 del j.logprobs[-cut:]
