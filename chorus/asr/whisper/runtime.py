@@ -249,14 +249,12 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
     ids = torch.zeros(b, lmax, dtype=torch.long, device=rt.device)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
-    # logits only where they are read: from the last committed token's position on
+    # logits only where they are read: from the last committed token's position on (row p - first is
+    # position p); log-probabilities and argmax only of the rows the tail check reads, row by row
     first = max(0, min(len(j.context) + j.committed - 1 for j in jobs))
     logits = _forward(rt, ids, torch.zeros(b, dtype=torch.long), lengths, ssid, cross, heads, first)
-    logits = torch.nn.functional.pad(logits, (0, 0, first, 0))  # rows before `first` are never read
     suppress_t = torch.tensor(suppress, device=rt.device)
     logits[..., suppress_t] = -np.inf
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    argmax = logits.argmax(dim=-1)
     active, lengths_now = [], lengths.clone()
     for i, j in enumerate(jobs):
         j.logprobs = []
@@ -267,10 +265,10 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
         c = len(j.context)
         keep = len(j.tokens)
         for t in range(j.committed, len(j.tokens)):
-            tok, p = j.tokens[t], c + t - 1
-            lp = float(logprobs[i, p, tok])
+            tok, row = j.tokens[t], logits[i, c + t - 1 - first]
+            lp = float(torch.log_softmax(row, dim=-1)[tok])
             old = j.tail_logprobs[t - j.committed] if t - j.committed < len(j.tail_logprobs) else -np.inf
-            if int(argmax[i, p]) == tok or (j.rule == "carelesswhisper" and lp >= old):
+            if int(row.argmax()) == tok or (j.rule == "carelesswhisper" and lp >= old):
                 j.logprobs.append(lp)
                 continue
             keep = t
@@ -282,7 +280,11 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
             lengths_now[i] = c + keep
         active.append(True)
     # the next token of each stream from the last kept position
-    last = logits[torch.arange(b), lengths_now - 1].clone()
+    last = logits[torch.arange(b), lengths_now - 1 - first]
+    del logits
+    # the greedy steps feed only the streams still decoding (a batch's stopped streams cost nothing);
+    # their cross K/V rows are picked again only when a stream stops
+    rows, cross_rows = None, cross
     for step in range(dec.positional_embedding.shape[0]):
         if not any(active):
             break
@@ -315,12 +317,18 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
             nxt.append(t if active[i] else eot)
         if not any(active):
             break
-        feed = torch.tensor(nxt, device=rt.device)[:, None]
-        counts = torch.tensor([1 if a else 0 for a in active])
-        out = _forward(rt, feed, lengths_now, counts, ssid, cross, heads)
+        now = [i for i in range(b) if active[i]]
+        if now != rows:
+            rows = now
+            idx = torch.tensor(rows)
+            cross_rows = cross if len(rows) == b else [tuple(t[idx] for t in layer) for layer in cross]
+        feed = torch.tensor([nxt[i] for i in rows], device=rt.device)[:, None]
+        ones = torch.ones(len(rows), dtype=torch.long)
+        out = _forward(rt, feed, lengths_now[idx], ones, ssid[idx], cross_rows, heads)
         out[..., suppress_t] = -np.inf
-        last = out[:, 0]
-        lengths_now = lengths_now + counts
+        last = torch.empty(b, out.shape[-1], dtype=out.dtype)
+        last[idx] = out[:, 0]
+        lengths_now[idx] += 1
     for j in jobs:
         if j.final:
             j.committed = len(j.tokens)
