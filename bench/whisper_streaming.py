@@ -2,14 +2,16 @@
 offline Whisper (`transcribe_30s`) on the same weights, first-partial latency, and the cost of a block.
 
     python bench/whisper_streaming.py accuracy [--fsdd 10] [--espeak 10]
-    python bench/whisper_streaming.py cost [--streams 1,4,16]
+    python bench/whisper_streaming.py cost [--streams 1,4,16] [--configs causal:2000,causal:1000,window:1000]
 
 accuracy: WER on chorus/samples/jfk.flac, on FSDD digits of speaker nicolas (../shared/data/fsdd) and on
 sentences synthesized here with the espeak-ng program; the same files through offline Whisper.  First
 partial: the audio time (seconds into the file) at which the first token is shown.
 
-cost: causal and window mode, 1000 ms blocks: the encoder and the decoder time of one block at 1 s, 10 s and
-30 s into a stream, and one step of B streams together against B steps of one stream (same run).
+cost: causal mode (2000 and 1000 ms blocks) and window mode (1000 ms): the encoder and the decoder time (and
+the decoder's forwards) of the first block and of the blocks that end 10 s and 30 s into a stream, their mean
+over the 30 s; and each block of B streams stepped together against the same B streams stepped one by one
+(a second engine fed the same audio, same run).  Streams start at different points of jfk.flac (tiled).
 """
 from __future__ import annotations
 
@@ -140,53 +142,79 @@ def accuracy(args) -> None:
 
 
 def cost(args) -> None:
+    """Per block: encoder and decoder time (and decoder forwards) of the block that ends at the first block,
+    10 s and 30 s into a stream, and the mean over the 30 s; B streams stepped together against the same B
+    streams each stepped alone (a second engine fed the same audio, in the same run, block by block)."""
     model = load_model(bundled_models()["whisper-tiny.en"], "cpu")
     x, sr = read_audio(REPO / "chorus/samples/jfk.flac")
-    audio = resample(x, sr, 16000)
-    audio = np.tile(audio, 3)[:16000 * 31]
+    jfk = resample(x, sr, 16000)
+    audio = np.tile(jfk, 8)
     counts = [int(c) for c in args.streams.split(",")]
-    for mode in ("causal", "window"):
-        engine = model.make_engine(slots=max(counts))
-        request = StreamRequest(options={"mode": mode, "block_ms": 1000})
-        timing = {"enc": 0.0, "dec": 0.0}
-        enc_fn = wrt.encode_causal if mode == "causal" else wrt.encode_window
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    import chorus.asr.whisper.family as fam
+    timing = {"enc": 0.0, "dec": 0.0, "fwd": 0}
 
-        def wrap(fn, key):
-            def inner(*a, **k):
-                t = time.perf_counter()
-                r = fn(*a, **k)
-                timing[key] += time.perf_counter() - t
-                return r
-            return inner
+    def timed(fn, key):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            r = fn(*a, **k)
+            timing[key] += time.perf_counter() - t
+            return r
+        return inner
 
-        import chorus.asr.whisper.family as fam
-        setattr(fam, "encode_causal" if mode == "causal" else "encode_window", wrap(enc_fn, "enc"))
-        fam.decode_step = wrap(wrt.decode_step, "dec")
-        try:
+    def counted(*a, **k):
+        timing["fwd"] += 1
+        return forward(*a, **k)
+
+    forward = wrt._forward
+    fam.encode_causal, fam.encode_window = timed(wrt.encode_causal, "enc"), timed(wrt.encode_window, "enc")
+    fam.decode_step, wrt._forward = timed(wrt.decode_step, "dec"), counted
+    print(f"torch threads {torch.get_num_threads()}; jfk.flac tiled; stream i of B starts {11 / 16:.2f} i s into it")
+    try:
+        for mode, block in configs:
+            request = StreamRequest(options={"mode": mode, "block_ms": block})
             for b in counts:
-                streams = [engine.open(request) for _ in range(b)]
-                alone_t, per_at = [], {}
-                for sec in range(1, 31):
-                    for s in streams:
-                        s.accept_audio(audio[(sec - 1) * 16000:sec * 16000 + 160])
-                    timing.update(enc=0.0, dec=0.0)
-                    t = time.perf_counter()
-                    step_ready(streams)
-                    together = time.perf_counter() - t
-                    if sec in (1, 10, 30):
-                        per_at[sec] = (timing["enc"], timing["dec"], together)
-                for s in streams:
+                engines = [model.make_engine(slots=b, memory_budget=1 << 40) for _ in range(2)]
+                together, alone = ([e.open(request) for _ in range(b)] for e in engines)
+                offsets = [round(16000 * 11 / 16 * i) for i in range(b)]
+                fed, rows = 0, []
+                while together[0].frames_done * 0.02 < 30 - 1e-6:
+                    start = fed
+                    while not together[0].ready():  # the audio the next block needs, in 10 ms pieces
+                        together[0].accept_audio(audio[fed:fed + 160])
+                        fed += 160
+                    for i, s in enumerate(together[1:] + alone):
+                        o = offsets[(i + 1) % b] if i + 1 < b else offsets[i + 1 - b]
+                        s.accept_audio(audio[o + start:o + fed])
+                    row = {}
+                    for name, streams in (("together", [together]), ("alone", [[s] for s in alone])):
+                        timing.update(enc=0.0, dec=0.0, fwd=0)
+                        t = time.perf_counter()
+                        for group in streams:
+                            step_ready(group)
+                        row[name] = (time.perf_counter() - t, timing["enc"], timing["dec"], timing["fwd"])
+                    rows.append((together[0].frames_done * 0.02, row))
+                same = all(t.hypothesis.ids == a.hypothesis.ids for t, a in zip(together, alone))
+                for s in together + alone:
                     s.close()
-                line = "  ".join(f"{sec:2d}s: enc {1000 * e:6.1f} dec {1000 * d:6.1f} ms" for sec, (e, d, _) in per_at.items())
-                print(f"{mode:6} B={b:2d} one step of B streams: {line}")
+                picks = [(f"block to {rows[0][0]:.0f} s", rows[0][1])] + [
+                    (f"to {end:.0f} s", r) for end, r in rows if round(end, 2) in (10.0, 30.0)]
                 if b == 1:
-                    alone_t = {sec: v[2] for sec, v in per_at.items()}
-                    alone_ref = alone_t
-                else:
-                    ratio = "  ".join(f"{sec:2d}s: {per_at[sec][2] / (b * alone_ref[sec]):.2f}" for sec in per_at)
-                    print(f"{'':6} B={b:2d} together / (B x alone): {ratio}")
-        finally:
-            fam.encode_causal, fam.encode_window, fam.decode_step = wrt.encode_causal, wrt.encode_window, wrt.decode_step
+                    cells = [f"{name}: enc {1000 * r['alone'][1]:5.0f} dec {1000 * r['alone'][2]:6.0f} ms "
+                             f"({r['alone'][3]:2d} fwd)" for name, r in picks]
+                    n = len(rows)
+                    mean = [sum(r["alone"][k] for _, r in rows) / n for k in (1, 2, 3)]
+                    cells.append(f"mean of {n}: enc {1000 * mean[0]:5.0f} dec {1000 * mean[1]:6.0f} ms ({mean[2]:.1f} fwd)")
+                    print(f"{mode} {block:4d} ms B= 1 alone | " + " | ".join(cells), flush=True)
+                cells = [f"{name}: {1000 * r['together'][0]:6.0f} / {1000 * r['alone'][0]:6.0f} ms "
+                         f"= {r['together'][0] / r['alone'][0]:.2f}" for name, r in picks]
+                tot = [sum(r[k][0] for _, r in rows) for k in ("together", "alone")]
+                cells.append(f"all {len(rows)} blocks: {tot[0]:.1f} / {tot[1]:.1f} s = {tot[0] / tot[1]:.2f}")
+                print(f"{mode} {block:4d} ms B={b:2d} together / alone | " + " | ".join(cells)
+                      + f" | same text: {same}", flush=True)
+    finally:
+        fam.encode_causal, fam.encode_window, fam.decode_step = wrt.encode_causal, wrt.encode_window, wrt.decode_step
+        wrt._forward = forward
 
 
 def main() -> None:
@@ -195,6 +223,7 @@ def main() -> None:
     p.add_argument("--fsdd", type=int, default=10)
     p.add_argument("--espeak", type=int, default=10)
     p.add_argument("--streams", default="1,4,16")
+    p.add_argument("--configs", default="causal:2000,causal:1000,window:1000", help="cost: mode:block_ms, ...")
     p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")
     p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
