@@ -400,14 +400,9 @@ class AsrServer:
             pass
         await closing
 
-    async def _start(self, msg: dict, outbox: "_Outbox") -> AsrSession:
-        req = parse_start(msg)
-        entry = self.registry.get(req.model)
-        if entry is None:
-            raise ProtocolError("unknown_model", f"unknown model {req.model!r}; available: {self.registry.names()}")
-        stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
-        session = AsrSession(stream_id, req, entry, outbox.post_threadsafe(self.loop), self._on_session_failure,
-                             max_backlog_seconds=self.config.max_buffered_seconds)
+    async def _open_on(self, scheduler: Scheduler, session, busy: str) -> None:
+        """Open a session's stream (its slot) on the scheduler's thread and make it a job there; a full
+        pool is `overloaded`, a refused option the session's own ProtocolError."""
         opened = self.loop.create_future()
 
         def open_on_thread():
@@ -416,18 +411,28 @@ class AsrServer:
             except Exception as exc:  # noqa: BLE001 - reported to the client
                 self.loop.call_soon_threadsafe(_settle, opened, exc)
                 return
-            self.scheduler.add(session)
+            scheduler.add(session)
             self.loop.call_soon_threadsafe(_settle, opened, None)
 
-        self.scheduler.submit(open_on_thread)
+        scheduler.submit(open_on_thread)
         error = await opened
         if isinstance(error, PoolExhausted):
-            raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of model "
-                                              f"{entry.name!r} are busy; try again later")
+            raise ProtocolError("overloaded", busy)
         if isinstance(error, ProtocolError):
             raise error
         if error is not None:
             raise ProtocolError("internal", f"could not open the stream: {type(error).__name__}")
+
+    async def _start(self, msg: dict, outbox: "_Outbox") -> AsrSession:
+        req = parse_start(msg)
+        entry = self.registry.get(req.model)
+        if entry is None:
+            raise ProtocolError("unknown_model", f"unknown model {req.model!r}; available: {self.registry.names()}")
+        stream_id = f"{next(self._ids):x}-{secrets.token_hex(4)}"
+        session = AsrSession(stream_id, req, entry, outbox.post_threadsafe(self.loop), self._on_session_failure,
+                             max_backlog_seconds=self.config.max_buffered_seconds)
+        await self._open_on(self.scheduler, session, f"all {entry.engine.pool.capacity} streams of model "
+                                                      f"{entry.name!r} are busy; try again later")
         self._sessions[stream_id] = (session, outbox)
         self.metrics.streams.labels(entry.name).inc()
         outbox.send({"type": "ready", "protocol": PROTOCOL, "stream_id": stream_id, "model": entry.name,
@@ -556,26 +561,8 @@ class AsrServer:
         session = TtsSession(stream_id, req, entry, outbox.post_threadsafe(self.loop), self._on_tts_failure,
                              unsent_bytes=lambda: outbox.pending_bytes,
                              max_unsent_seconds=self.config.max_buffered_seconds)
-        opened = self.loop.create_future()
-
-        def open_on_thread():
-            try:
-                session.open()
-            except Exception as exc:  # noqa: BLE001 - reported to the client
-                self.loop.call_soon_threadsafe(_settle, opened, exc)
-                return
-            self.tts_scheduler.add(session)
-            self.loop.call_soon_threadsafe(_settle, opened, None)
-
-        self.tts_scheduler.submit(open_on_thread)
-        error = await opened
-        if isinstance(error, PoolExhausted):
-            raise ProtocolError("overloaded", f"all {entry.engine.pool.capacity} streams of voice "
-                                              f"{entry.name!r} are busy; try again later")
-        if isinstance(error, ProtocolError):
-            raise error
-        if error is not None:
-            raise ProtocolError("internal", f"could not open the stream: {type(error).__name__}")
+        await self._open_on(self.tts_scheduler, session, f"all {entry.engine.pool.capacity} streams of voice "
+                                                          f"{entry.name!r} are busy; try again later")
         self._tts[stream_id] = (session, outbox)
         self.metrics.streams.labels(entry.name).inc()
         outbox.send({"type": "ready", "protocol": TTS_PROTOCOL, "stream_id": stream_id, "voice": entry.name,
