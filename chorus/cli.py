@@ -210,15 +210,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_speak(args: argparse.Namespace) -> int:
-    """Text (argument, -f FILE or - for stdin) to a WAV file, or to the speakers with --stream and no -o."""
+    """Text (argument, -f FILE or - for stdin) to a WAV file, or to the speakers with --stream and no -o: one
+    stream of the voice's engine (any TTS family, through the TTS contract), stepped until done, each chunk
+    written or played as it comes: what `/tts` sends, at the requested rate."""
     import shutil
     import time
+    from pathlib import Path
 
     import numpy as np
     import soundfile as sf
     from tqdm import tqdm
 
-    from .tts.piper import ESPEAK_MISSING, EspeakMissing, PiperVoice, default_voice_path, load_config, normalize
+    from .stream.tts_contract import SpeechRequest
+    from .tts.families import default_voice_path, load_voice
 
     if args.file is not None:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
@@ -236,110 +240,17 @@ def cmd_speak(args: argparse.Namespace) -> int:
         raise ValueError(f"--speed must be positive (got {args.speed})")
     if args.sample_rate is not None and not 8000 <= args.sample_rate <= 192000:
         raise ValueError(f"--sample-rate must be 8000-192000 Hz (got {args.sample_rate})")
-    voice_path = args.voice if args.voice is not None else default_voice_path()
-    if args.vocoder is not None or not str(voice_path).endswith(".onnx"):
-        from pathlib import Path
-
-        from .tts.families import family_of
-
-        if not Path(voice_path).exists():
-            raise ValueError(f"--voice {voice_path}: no such file")
-        if args.vocoder is not None or family_of(Path(voice_path)).name != "piper":
-            return _speak_through_contract(args, text, voice_path)
-    elif args.seed is not None or args.option:
-        raise ValueError("--seed and --option are for Matcha voices (a Piper voice draws its own noise)")
-    if load_config(voice_path).phoneme_type == "espeak" and shutil.which("espeak-ng") is None:
-        print(f"error: {ESPEAK_MISSING}", file=sys.stderr)  # before the model loads
-        return 2
-    voice = PiperVoice(voice_path)
-    out_rate = args.sample_rate or voice.sample_rate
-    speaker = int(args.speaker) if args.speaker is not None and args.speaker.isdigit() else args.speaker
-    try:
-        sentences = voice.sentence_ids(text)
-    except EspeakMissing:
-        print(f"error: {ESPEAK_MISSING}", file=sys.stderr)
-        return 2
-    player = None
-    if args.stream and args.output is None:
-        try:
-            import sounddevice
-        except (ImportError, OSError) as exc:
-            raise ValueError(f"--stream without -o plays on the speakers and needs sounddevice and PortAudio "
-                             f"(pip install sounddevice): {exc}") from None
-        player = sounddevice.OutputStream(samplerate=out_rate, channels=1, dtype="float32")
-        player.start()
-    resampler = None
-    if out_rate != voice.sample_rate:
-        from .codecs.resample import StreamingResampler
-
-        resampler = StreamingResampler(voice.sample_rate, out_rate)
-    writer = sf.SoundFile(args.output, "w", samplerate=out_rate, channels=1, subtype="PCM_16") if args.output else None
-    silence = np.zeros(int(round(args.sentence_silence * voice.sample_rate)), dtype=np.float32)
-    bar = tqdm(total=len(sentences), unit="sentence", file=sys.stderr,
-               disable=len(sentences) < 3 or not sys.stderr.isatty())
-    start, first, seconds = time.perf_counter(), None, 0.0
-    batch = 1 if args.stream else args.batch_size
-
-    def emit(audio: np.ndarray) -> None:
-        if resampler is not None:
-            audio = resampler.process(audio)
-        if writer is not None:
-            writer.write(audio)
-            if args.stream:
-                writer.flush()
-        if player is not None:
-            player.write(audio.reshape(-1, 1))
-
-    try:
-        for index, raw in enumerate(voice.synthesize_ids(sentences, speed=args.speed, batch_size=batch,
-                                                         speaker=speaker)):
-            audio = normalize(raw)
-            if first is None:
-                first = time.perf_counter() - start
-            if index and silence.size:
-                emit(silence)
-            emit(audio)
-            seconds += audio.size / voice.sample_rate
-            bar.update(1)
-        if resampler is not None:
-            tail = resampler.flush()
-            if writer is not None:
-                writer.write(tail)
-            if player is not None:
-                player.write(tail.reshape(-1, 1))
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if player is not None:
-            player.stop()
-            player.close()
-    took = time.perf_counter() - start
-    where = args.output or "the speakers"
-    print(f"{where}: {seconds:.2f} s of audio, {len(sentences)} sentence(s), first audio after {first or 0:.2f} s, "
-          f"real-time factor {took / max(seconds, 1e-9):.3f}", file=sys.stderr)
-    return 0
-
-
-def _speak_through_contract(args: argparse.Namespace, text: str, voice_path) -> int:
-    """`chorus speak` with a voice of another family (Matcha-TTS): one stream of the family's engine, stepped
-    until done, each chunk written (or played) as it comes: what `/tts` sends, at the requested rate."""
-    import shutil
-    import time
-
-    import numpy as np
-    import soundfile as sf
-
-    from .stream.tts_contract import SpeechRequest
-    from .tts.families import load_voice
-
-    if shutil.which("espeak-ng") is None:
-        print("error: espeak-ng is not installed: Matcha-TTS voices need it for their phonemes "
+    voice_path = Path(args.voice) if args.voice is not None else default_voice_path()
+    if not voice_path.exists():
+        raise ValueError(f"--voice {voice_path}: no such file")
+    if shutil.which("espeak-ng") is None:  # before the model loads: every voice family here phonemizes with it
+        print("error: espeak-ng is not installed; the voices' text front ends run it for their phonemes "
               "(apt-get install espeak-ng)", file=sys.stderr)
         return 2
     voice = load_voice(voice_path, args.vocoder)
     out_rate = args.sample_rate or voice.sample_rate
-    request = SpeechRequest(sample_rate=out_rate, speed=args.speed, speaker=args.speaker, seed=args.seed,
+    speaker = int(args.speaker) if args.speaker is not None and args.speaker.isdigit() else args.speaker
+    request = SpeechRequest(sample_rate=out_rate, speed=args.speed, speaker=speaker, seed=args.seed,
                             options=_options(args), max_wait=0.0)
     engine = voice.make_engine(slots=1)
     stream = engine.open(request)
@@ -348,12 +259,14 @@ def _speak_through_contract(args: argparse.Namespace, text: str, voice_path) -> 
         try:
             import sounddevice
         except (ImportError, OSError) as exc:
+            stream.close()
             raise ValueError(f"--stream without -o plays on the speakers and needs sounddevice and PortAudio "
                              f"(pip install sounddevice): {exc}") from None
         player = sounddevice.OutputStream(samplerate=out_rate, channels=1, dtype="float32")
         player.start()
     writer = sf.SoundFile(args.output, "w", samplerate=out_rate, channels=1, subtype="PCM_16") if args.output else None
     silence = np.zeros(int(round(args.sentence_silence * out_rate)), dtype=np.float32)
+    bar = tqdm(unit="sentence", file=sys.stderr, disable=not sys.stderr.isatty())
     start, first, samples = time.perf_counter(), None, 0
     try:
         stream.push_text(text)
@@ -363,8 +276,10 @@ def _speak_through_contract(args: argparse.Namespace, text: str, voice_path) -> 
             if first is None:
                 first = time.perf_counter() - start
             parts = [chunk.audio]
-            if chunk.last and silence.size and not stream.done:
-                parts.append(silence)
+            if chunk.last:
+                bar.update(1)
+                if silence.size and not stream.done:
+                    parts.append(silence)
             for audio in parts:
                 samples += audio.size
                 if writer is not None:
@@ -374,6 +289,7 @@ def _speak_through_contract(args: argparse.Namespace, text: str, voice_path) -> 
                 if player is not None:
                     player.write(audio.reshape(-1, 1))
     finally:
+        bar.close()
         stream.close()
         if writer is not None:
             writer.close()
@@ -472,9 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--speaker", default=None, help="speaker name or number of a multi-speaker voice")
     k.add_argument("--sentence-silence", type=float, default=0.0, metavar="S",
                    help="seconds of silence between sentences (Piper's --sentence-silence, default 0)")
-    k.add_argument("--batch-size", type=int, default=1, metavar="N",
-                   help="sentences per onnxruntime call (default 1: on CPU, batching sentences of different "
-                        "lengths is slower; see bench/README.md)")
     k.add_argument("--stream", action="store_true",
                    help="sentence by sentence as each is ready: play it (no -o; needs sounddevice) or append it "
                         "to -o")
