@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from chorus.tts.cosyvoice.config import read_cosyvoice_yaml
 from chorus.tts.cosyvoice.hift import HiftConfig, HiftGenerator, HiftStreamer, NotAHift, load_hift
 from tests.cosyvoice_factories import TINY_HIFT, hift_official_state, hift_yaml, random_hift, write_hift
 
@@ -72,25 +72,21 @@ def test_config_refusals():
         HiftConfig.from_mapping({"upsample_rates": [8, 2.5, 3]})
 
 
-class TagsIgnored(yaml.SafeLoader):
-    """HyperPyYAML's !new / !ref tags read as plain values (nothing constructed)."""
-
-
-TagsIgnored.add_multi_constructor("!", lambda loader, suffix, node: (
-    loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
-
-
-def test_config_from_the_yaml_section():
-    section = yaml.load(hift_yaml(), Loader=TagsIgnored)["hift"]
-    assert section["sampling_rate"] == "<sample_rate>"
-    section["sampling_rate"] = 24000  # what the yaml's `sample_rate: 24000` resolves !ref <sample_rate> to
+def test_config_from_the_yaml_section(tmp_path):
+    (tmp_path / "cosyvoice2.yaml").write_text("sample_rate: 24000\n" + hift_yaml())
+    section = read_cosyvoice_yaml(tmp_path / "cosyvoice2.yaml")["hift"]  # tags kept as data, !ref resolved
     cfg = HiftConfig.from_mapping(section)
-    assert cfg.base_channels == 16 and cfg.f0_predictor.cond_channels == 16
+    assert cfg.base_channels == 16 and cfg.f0_predictor.cond_channels == 16 and cfg.sampling_rate == 24000
     assert cfg.upsample_rates == (8, 5, 3) and cfg.upsample_scale == 480
     assert cfg.source_resblock_dilation_sizes == ((1, 3, 5),) * 3
     default = HiftConfig()  # CosyVoice 2's shipped hift: section
     assert (default.base_channels, default.sampling_rate, default.upsample_kernel_sizes) == (512, 24000, (16, 11, 7))
     assert sum(p.numel() for p in HiftGenerator(default).parameters()) == 20_806_557
+    with pytest.raises(NotAHift, match="CausalHiFTGenerator is not CosyVoice 2's HiFTGenerator"):
+        HiftConfig.from_mapping({**section, "!": "!new:cosyvoice.hifigan.generator.CausalHiFTGenerator"})
+    with pytest.raises(NotAHift, match="f0_predictor: .*CausalConvRNNF0Predictor is not"):
+        HiftConfig.from_mapping({**section, "f0_predictor": {
+            **section["f0_predictor"], "!": "!new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor"}})
 
 
 def token2wav_hift_port(hift, chunks, finalize_last=True):

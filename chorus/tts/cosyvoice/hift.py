@@ -39,6 +39,9 @@ from torch import Tensor, nn
 from chorus.tts.hifigan.model import fold_weight_norm, get_padding
 
 
+TAG_KEY = "!"  # where config.read_cosyvoice_yaml keeps a mapping's HyperPyYAML tag
+
+
 class NotAHift(ValueError):
     """A checkpoint or config that is not CosyVoice 2's HiFT generator, with what was wrong."""
 
@@ -89,6 +92,8 @@ class HiftConfig:
         """The yaml's `hift:` section as plain numbers and lists (tags dropped); absent keys keep the defaults."""
         if not isinstance(mapping, dict):
             raise NotAHift(f"{where}: expected a mapping of HiFT arguments, got {type(mapping).__name__}")
+        mapping = dict(mapping)
+        _check_tag(mapping.pop(TAG_KEY, None), "HiFTGenerator", where)
         if "conv_pre_look_right" in mapping:
             raise NotAHift(f"{where}: conv_pre_look_right is CosyVoice 3's causal HiFT (CausalHiFTGenerator), "
                            "which chorus does not implement")
@@ -132,6 +137,9 @@ class HiftConfig:
                                     "hop_len": _checked_int(p["hop_len"], f"{where}.istft_params.hop_len")}
             elif f.name == "f0_predictor":
                 p = mapping["f0_predictor"]
+                if isinstance(p, dict):
+                    p = dict(p)
+                    _check_tag(p.pop(TAG_KEY, None), "ConvRNNF0Predictor", f"{where}.f0_predictor")
                 names = {g.name for g in fields(F0PredictorConfig)}
                 if not isinstance(p, dict) or set(p) - names:
                     raise NotAHift(f"{where}.f0_predictor: expected {', '.join(sorted(names))}, got {p!r}")
@@ -165,6 +173,13 @@ class HiftConfig:
         if self.base_channels % (2 ** len(self.upsample_rates)):
             raise NotAHift(f"{where}: base_channels {self.base_channels} does not halve "
                            f"{len(self.upsample_rates)} times")
+
+
+def _check_tag(tag, cls: str, where: str) -> None:
+    """The yaml's `!new:module.Class` tag (kept as data by the safe reader), when there is one, must name `cls`
+    (CosyVoice 3's CausalHiFTGenerator and CausalConvRNNF0Predictor are other designs)."""
+    if tag is not None and str(tag).rsplit(".", 1)[-1] != cls:
+        raise NotAHift(f"{where}: {tag} is not CosyVoice 2's {cls}, which is what chorus implements")
 
 
 def _as_int(x) -> int:
