@@ -8,7 +8,7 @@ import torch
 
 from chorus.tts.cosyvoice.config import read_cosyvoice_yaml
 from chorus.tts.cosyvoice.hift import HiftConfig, HiftGenerator, HiftStreamer, NotAHift, load_hift
-from tests.cosyvoice_factories import TINY_HIFT, hift_official_state, hift_yaml, random_hift, write_hift
+from cosyvoice_factories import TINY_HIFT, hift_official_state, hift_yaml, random_hift, write_hift
 
 torch.set_num_threads(1)
 
