@@ -258,28 +258,72 @@ class RelPositionMultiHeadAttention(nn.Module):
             cached = self._pos_cache[key] = self.linear_pos(pos_emb)
         return cached
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[q, k, v] of x in one product: [B, T, 3d].  At inference the fused weight is built once
+        (and again only if a weight changes); training uses the three linears as they are."""
+        if self.training or torch.is_grad_enabled():
+            return torch.cat([self.linear_q(x), self.linear_k(x), self.linear_v(x)], dim=-1)
+        lins = (self.linear_q, self.linear_k, self.linear_v)
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in lins)
+        if getattr(self, "_qkv_key", None) != key:
+            weight = torch.cat([m.weight for m in lins])
+            bias = torch.cat([m.bias for m in lins]) if self.linear_q.bias is not None else None
+            self._qkv, self._qkv_key = (weight, bias), key
+        return F.linear(x, *self._qkv)
+
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
         b, h, qlen, pos_len = x.shape
         x = F.pad(x, (1, 0)).view(b, h, -1, qlen)
         return x[:, :, 1:].view(b, h, qlen, pos_len)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d] queries; kv [B, C+T, d] (cache then x); mask [B, T, C+T], True = hidden."""
-        b = x.shape[0]
-        q = self.linear_q(x).view(b, -1, self.h, self.d_k)
-        k = self.linear_k(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
-        v = self.linear_v(kv).view(b, -1, self.h, self.d_k).transpose(1, 2)
+    def forward(self, x: torch.Tensor, mask: "AttentionMask", pos_emb: torch.Tensor,
+                kv_window=None, layer: int = 0) -> torch.Tensor:
+        """x [B, T, d] queries (and the new keys/values).  Offline, keys are x itself; streaming,
+        `kv_window.update(layer, [k, v] of x)` stores the chunk's projected keys and values and returns
+        the window [B, C+T, 2d] (the cached frames' K and V, then the chunk's), so each frame is
+        projected once.  The mask covers [B, T, C+T]."""
+        d = self.h * self.d_k
+        qkv = self.project_qkv(x)
+        kv = qkv[..., d:] if kv_window is None else kv_window.update(layer, qkv[..., d:])
+        return self.attend(qkv[..., :d], kv[..., :d], kv[..., d:], mask, pos_emb)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "AttentionMask",
+               pos_emb: torch.Tensor) -> torch.Tensor:
+        """Rel-pos attention of projected q [B, T, d] over projected k, v [B, S, d].
+
+        NeMo's scores are ((q+u).k + rel_shift((q+v).p)) / sqrt(d_k), masked to -10000, softmax,
+        masked to 0.  The positional term enters scaled_dot_product_attention as an additive bias
+        with the mask (-10000 added, so hidden keys get exactly zero weight as in NeMo); rows with
+        every key hidden (padding) are zeroed afterwards, as NeMo's second masked_fill does."""
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        q = q.reshape(b, t, self.h, self.d_k)
+        k = k.reshape(b, s, self.h, self.d_k).transpose(1, 2)
+        v = v.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         p = self.project_positions(pos_emb).view(pos_emb.shape[0], -1, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
-        matrix_bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
-        matrix_ac = torch.matmul(q_u, k.transpose(-2, -1))
-        scores = (matrix_ac + matrix_bd[..., :matrix_ac.shape[-1]]) / self.s_d_k
-        mask = mask.unsqueeze(1)
-        attn = torch.softmax(scores.masked_fill(mask, -MASK_VALUE), dim=-1).masked_fill(mask, 0.0)
-        out = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(b, -1, self.h * self.d_k)
+        matrix_bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))[..., :s]
+        bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
+        out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias,
+                                             dropout_p=self.dropout.p if self.training else 0.0,
+                                             scale=1.0 / self.s_d_k)
+        out = out.transpose(1, 2).reshape(b, t, self.h * self.d_k).masked_fill(mask.rows_hidden, 0.0)
         return self.linear_out(out)
+
+
+@dataclass
+class AttentionMask:
+    """NeMo's boolean streaming mask in the forms attention uses: an additive bias [B, 1, T, S]
+    (0 visible, -10000 hidden) and the query rows that see no key at all [B, T, 1]."""
+
+    bias: torch.Tensor
+    rows_hidden: torch.Tensor
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, dtype: torch.dtype) -> "AttentionMask":
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, -MASK_VALUE)
+        return cls(bias.unsqueeze(1), hidden.all(dim=-1, keepdim=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,23 +356,19 @@ class ConformerConvolution(nn.Module):
             raise ModelConfigError(f"conv_norm_type={norm_type!r} is not supported")
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, cache: torch.Tensor | None = None,
-                keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, d]; cache [B, d, k-1] of the inputs before x.  Returns (out, new cache)."""
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor, window=None, layer: int = 0) -> torch.Tensor:
+        """x [B, T, d].  Streaming, `window.update(layer, glu)` stores the chunk's depthwise inputs
+        and returns them after the k-1 cached ones; offline the history is k-1 zeros."""
         # The 1x1 convolutions are matrix products; F.linear avoids Conv1d's slow path at batch 1.
         x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)
-        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)
-        x = torch.cat([cache, x], dim=2) if cache is not None else F.pad(x, (self.cache_size, 0))
-        new_cache = None
-        if cache is not None:
-            end = self.cache_size + (x.shape[2] - self.cache_size if keep is None else keep)
-            new_cache = x[:, :, end - self.cache_size:end]
+        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        x = F.pad(x.transpose(1, 2), (self.cache_size, 0)) if window is None else window.update(layer, x).transpose(1, 2)
         x = self.depthwise_conv(x)
         if isinstance(self.batch_norm, nn.LayerNorm):
             x = self.batch_norm(x.transpose(1, 2))
         else:
             x = self.batch_norm(x).transpose(1, 2)
-        return _pointwise(self.pointwise_conv2, F.silu(x)), new_cache
+        return _pointwise(self.pointwise_conv2, F.silu(x))
 
 
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
@@ -352,20 +392,15 @@ class ConformerLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm_out = nn.LayerNorm(d)
 
-    def forward(self, x, att_mask, pos_emb, pad_mask, att_cache=None, conv_cache=None, keep=None):
-        """Returns (x, new attention cache, new conv cache); the caches are None offline."""
+    def forward(self, x, att_mask: AttentionMask, pos_emb, pad_mask, kv_window=None, conv_window=None, layer=0):
+        """Offline without windows; streaming, the windows hold this layer's cached K/V and conv inputs."""
         residual = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
         x = self.norm_self_att(residual)
-        kv = x if att_cache is None else torch.cat([att_cache, x], dim=1)
-        new_att_cache = None
-        if att_cache is not None:  # the cache holds attention inputs of the last C kept frames
-            end = kv.shape[1] - x.shape[1] + (x.shape[1] if keep is None else keep)
-            new_att_cache = kv[:, end - att_cache.shape[1]:end]
-        residual = residual + self.dropout(self.self_attn(x, kv, att_mask, pos_emb))
-        x, new_conv_cache = self.conv(self.norm_conv(residual), pad_mask, conv_cache, keep)
+        residual = residual + self.dropout(self.self_attn(x, att_mask, pos_emb, kv_window, layer))
+        x = self.conv(self.norm_conv(residual), pad_mask, conv_window, layer)
         residual = residual + self.dropout(x)
         residual = residual + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(residual)))
-        return self.norm_out(residual), new_att_cache, new_conv_cache
+        return self.norm_out(residual)
 
 
 # ------------------------------------------------------------------------------------------
@@ -418,36 +453,33 @@ class ConformerEncoder(nn.Module):
         x, pos_emb = self.pos_enc(x)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         valid = pos < lengths[:, None]
-        att_mask = attention_mask(pos, pos, valid, valid, context, self.cfg.att_context_style)
+        att_mask = AttentionMask.of(attention_mask(pos, pos, valid, valid, context, self.cfg.att_context_style),
+                                    x.dtype)
         for layer in self.layers:
-            x, _, _ = layer(x, att_mask, pos_emb, ~valid)
+            x = layer(x, att_mask, pos_emb, ~valid)
         if self.out_proj is not None:
             x = self.out_proj(x)
         return x, lengths
 
-    def stream(self, x: torch.Tensor, lengths: torch.Tensor, frames_done: torch.Tensor,
-               att_cache: torch.Tensor, conv_cache: torch.Tensor, context: tuple[int, int], keep: int | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stream(self, x: torch.Tensor, lengths: torch.Tensor, frames_done: torch.Tensor, cache_len: int,
+               kv_window, conv_window, context: tuple[int, int]) -> torch.Tensor:
         """One chunk of subsampled frames for B streams.
 
         x [B, T, d] (already through `pre_encode`), lengths [B] valid frames, frames_done [B]
-        frames each stream committed before, att_cache [B, L, C, d], conv_cache [B, L, d, k-1].
-        `keep` frames of the chunk enter the caches (None: all).  Returns the encoded chunk and
-        the new caches.
+        frames each stream committed before; `cache_len` frames of left context are attended.
+        `kv_window` and `conv_window` (`FrameRingWindow`s over the slot pool) store this chunk's
+        projected K/V and conv inputs per layer in place and hand back each layer's window.
         """
         b, t, _ = x.shape
-        cache_len = att_cache.shape[2]
         x, pos_emb = self.pos_enc(x, cache_len=cache_len)
         q_pos = frames_done[:, None] + torch.arange(t, device=x.device)[None, :]
         k_pos = frames_done[:, None] + torch.arange(-cache_len, t, device=x.device)[None, :]
         q_valid = q_pos < (frames_done + lengths)[:, None]
         k_valid = (k_pos >= 0) & (k_pos < (frames_done + lengths)[:, None])
-        att_mask = attention_mask(q_pos, k_pos, q_valid, k_valid, context, self.cfg.att_context_style)
-        new_att = torch.empty_like(att_cache)
-        new_conv = torch.empty_like(conv_cache)
+        att_mask = AttentionMask.of(attention_mask(q_pos, k_pos, q_valid, k_valid, context,
+                                                   self.cfg.att_context_style), x.dtype)
         for i, layer in enumerate(self.layers):
-            x, new_att[:, i], new_conv[:, i] = layer(x, att_mask, pos_emb, ~q_valid, att_cache[:, i],
-                                                     conv_cache[:, i], keep)
+            x = layer(x, att_mask, pos_emb, ~q_valid, kv_window, conv_window, i)
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x, new_att, new_conv
+        return x

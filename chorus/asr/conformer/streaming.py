@@ -1,10 +1,13 @@
 """Cache-aware streaming of a FastConformer over the shared slot pool.
 
 Per stream, the pool slot holds everything the next chunk needs (docs/architecture.md, the state runtime):
-the last 9 mel frames for the causal subsampling, per-layer attention-input and conv caches,
+the last 9 mel frames for the causal subsampling, per layer the projected keys and values of the
+attention's left context and the depthwise convolution's inputs (frame rings, `cache/ring.py`),
 counters, the RNNT predictor state and the last CTC label.  `ConformerStreamer.step` advances
-a batch of streams of one attention-context setting by one chunk: one `index_select` per state
-tensor, one forward, one `index_copy_` back.
+a batch of streams of one attention-context setting by one chunk: the small state is read with
+one `index_select` per tensor and written back with one `index_copy_`; the rings are written in
+place, layer by layer, with only the chunk's new frames, so every frame's K and V are projected
+once (NeMo caches the attention *input* and projects all 70 cached frames again every step).
 
 Streaming equals the offline forward with the same mask (law 1).  Where NeMo's own streaming
 buffer deviates from its offline forward we follow the offline maths:
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ...cache import SlotPool, StateSpec, TensorSpec
+from ...cache.ring import FrameRingWindow, ring_rows
 from ...stream.chunking import ChunkPlan
 from .asr_model import FastConformerModel
 from .decoding import ctc_greedy, rnnt_greedy
@@ -55,16 +59,29 @@ def stream_setting(model: FastConformerModel, context: tuple[int, int]) -> Strea
                          chunk_ms=frame_ms * (right + 1) if out_frames is None else frame_ms)
 
 
+def longest_chunk(model: FastConformerModel) -> int:
+    """Most encoder frames one step of any of the model's settings produces (a chunk's width)."""
+    cfg = model.spec.encoder
+    widths = [right + 1 if cfg.att_context_style == "chunked_limited" else 1 + right * cfg.n_layers
+              for _, right in cfg.att_context_size]
+    return max(widths)
+
+
+RING_STATE = ("kv_ring", "conv_ring")  # written in place by the layers, never read or written whole
+
+
 def conformer_state_spec(model: FastConformerModel) -> StateSpec:
     enc = model.spec.encoder
     d = model.encoder.cfg.d_model
     cache_frames = enc.subsampling_factor + 1
+    widest = longest_chunk(model)
     tensors = dict(
         mel_cache=TensorSpec((cache_frames, enc.feat_in)),
         mel_seen=TensorSpec((), torch.long),
         frames_done=TensorSpec((), torch.long),
-        att_cache=TensorSpec((enc.n_layers, enc.max_left_context, d)),
-        conv_cache=TensorSpec((enc.n_layers, d, enc.conv_kernel_size - 1)),
+        # per layer, ring rows of [projected K | projected V] and of depthwise conv inputs (+1 trash row)
+        kv_ring=TensorSpec((enc.n_layers, ring_rows(enc.max_left_context, widest) + 1, 2 * d)),
+        conv_ring=TensorSpec((enc.n_layers, ring_rows(enc.conv_kernel_size - 1, widest) + 1, d)),
     )
     if model.joint is not None:
         r = model.spec.rnnt
@@ -99,6 +116,8 @@ class ConformerStreamer:
         if slots is None and memory_budget is None:
             slots = 64
         self.pool = SlotPool(name, self.spec, slots=slots, memory_budget=memory_budget, device=self.device)
+        self.small_state = [k for k in self.spec if k not in RING_STATE]
+        self.longest_chunk = longest_chunk(model)
         self.settings = self.settings_of(model)
         self._sos = self._sos_state() if model.joint is not None else None
 
@@ -155,7 +174,7 @@ class ConformerStreamer:
         model, enc_cfg = self.model, self.model.spec.encoder
         dev = self.device
         idx = self.pool.index(slots)
-        state = self.pool.read(idx)
+        state = self.pool.read(idx, self.small_state)
         b = len(slots)
         chunk_len = torch.tensor([c.shape[0] for c in chunks], device=dev)
         padded = torch.nn.utils.rnn.pad_sequence([c.to(dev) for c in chunks], batch_first=True)
@@ -178,9 +197,16 @@ class ConformerStreamer:
         rows = (drop[:, None] + torch.arange(t_out, device=dev)[None, :]).clamp(max=sub.shape[1] - 1)
         chunk_in = sub.gather(1, rows[:, :, None].expand(-1, -1, sub.shape[2]))
 
-        encoded, att_cache, conv_cache = model.encoder.stream(
-            chunk_in, produced, state["frames_done"], state["att_cache"], state["conv_cache"],
-            setting.context, setting.out_frames)
+        if t_out > self.longest_chunk:
+            raise ValueError(f"a chunk of {t_out} encoder frames is longer than the model's settings allow "
+                             f"({self.longest_chunk})")
+        # Every real new frame enters the rings (a regular-style step's look-ahead frames too: the next
+        # step rewrites them before it reads them); padded frames go to the trash row.
+        left = enc_cfg.max_left_context
+        kv = FrameRingWindow(self.pool.tensors["kv_ring"], idx, state["frames_done"], t_out, produced, left)
+        conv = FrameRingWindow(self.pool.tensors["conv_ring"], idx, state["frames_done"], t_out, produced,
+                               enc_cfg.conv_kernel_size - 1)
+        encoded = model.encoder.stream(chunk_in, produced, state["frames_done"], left, kv, conv, setting.context)
         emitted = produced if setting.out_frames is None else produced.clamp(max=setting.out_frames)
 
         keep_pos = consumed_t[:, None] + torch.arange(cache_frames, device=dev)[None, :]
@@ -188,22 +214,20 @@ class ConformerStreamer:
             "mel_cache": full.gather(1, keep_pos[:, :, None].expand(-1, -1, full.shape[2])),
             "mel_seen": state["mel_seen"] + consumed_t,
             "frames_done": state["frames_done"] + emitted,
-            "att_cache": att_cache,
-            "conv_cache": conv_cache,
         }
         tokens = torch.full((b, t_out, 1), -1, dtype=torch.long, device=dev)
         if decoders is None:
             self.pool.write(idx, new_state)
             return self._results(tokens, state["frames_done"], new_state["frames_done"], encoded, emitted)
-        use_ctc = torch.tensor([d == "ctc" for d in decoders], device=dev)
-        if bool(use_ctc.any()):
-            sel = use_ctc.nonzero()[:, 0]
+        ctc_rows = [i for i, d in enumerate(decoders) if d == "ctc"]  # chosen on the host: no sync
+        if ctc_rows:
+            sel = torch.tensor(ctc_rows, device=dev)
             labels, keep, last = ctc_greedy(model.ctc_decoder(encoded[sel]), emitted[sel], state["ctc_last"][sel])
             tokens[sel, :, 0] = labels.masked_fill(~keep, -1)
             new_state["ctc_last"] = state["ctc_last"].index_copy(0, sel, last)
-        use_rnnt = torch.tensor([d == "rnnt" for d in decoders], device=dev)
-        if bool(use_rnnt.any()):
-            sel = use_rnnt.nonzero()[:, 0]
+        rnnt_rows = [i for i, d in enumerate(decoders) if d == "rnnt"]
+        if rnnt_rows:
+            sel = torch.tensor(rnnt_rows, device=dev)
             h = state["pred_h"][sel].transpose(0, 1).contiguous()
             c = state["pred_c"][sel].transpose(0, 1).contiguous()
             rnnt_tokens, (h, c), out = rnnt_greedy(model.joint, model.decoder, encoded[sel], emitted[sel],
