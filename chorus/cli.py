@@ -224,7 +224,23 @@ def cmd_speak(args: argparse.Namespace) -> int:
     from .stream.tts_contract import SpeechRequest
     from .tts.families import default_voice_path, load_voice
 
-    if args.file is not None:
+    tokens = None
+    if args.tokens is not None:  # a token-to-wave voice (CosyVoice 2): speech tokens instead of text
+        from .tts.cosyvoice.inputs import read_embedding, read_mel, read_tokens
+        if args.text is not None or args.file is not None:
+            raise ValueError("give either text or --tokens, not both")
+        tokens = read_tokens(args.tokens)
+        if not tokens:
+            raise ValueError(f"--tokens {args.tokens}: no tokens")
+        extra = {"embedding": read_embedding(args.embedding)} if args.embedding else {}
+        if (args.prompt_tokens is None) != (args.prompt_mel is None):
+            raise ValueError("--prompt-tokens and --prompt-mel go together")
+        if args.prompt_tokens is not None:
+            extra.update(prompt_tokens=read_tokens(args.prompt_tokens), prompt_mel=read_mel(args.prompt_mel))
+        text = ""
+    elif args.embedding or args.prompt_tokens or args.prompt_mel:
+        raise ValueError("--embedding, --prompt-tokens and --prompt-mel go with --tokens")
+    elif args.file is not None:
         text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
     elif args.text == "-":
         text = sys.stdin.read()
@@ -232,7 +248,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
         text = args.text
     else:
         raise ValueError("give the text, -f FILE, or - to read stdin")
-    if not text.strip():
+    if tokens is None and not text.strip():
         raise ValueError("no text to speak")
     if args.output is None and not args.stream:
         raise ValueError("write to a file with -o OUT.wav, or play as it goes with --stream")
@@ -243,7 +259,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
     voice_path = Path(args.voice) if args.voice is not None else default_voice_path()
     if not voice_path.exists():
         raise ValueError(f"--voice {voice_path}: no such file")
-    if shutil.which("espeak-ng") is None:  # before the model loads: every voice family here phonemizes with it
+    if tokens is None and shutil.which("espeak-ng") is None:  # before the model loads: text voices phonemize
         print("error: espeak-ng is not installed; the voices' text front ends run it for their phonemes "
               "(apt-get install espeak-ng)", file=sys.stderr)
         return 2
@@ -251,7 +267,7 @@ def cmd_speak(args: argparse.Namespace) -> int:
     out_rate = args.sample_rate or voice.sample_rate
     speaker = int(args.speaker) if args.speaker is not None and args.speaker.isdigit() else args.speaker
     request = SpeechRequest(sample_rate=out_rate, speed=args.speed, speaker=speaker, seed=args.seed,
-                            options=_options(args), max_wait=0.0)
+                            options={**_options(args), **(extra if tokens is not None else {})}, max_wait=0.0)
     engine = voice.make_engine(slots=1)
     stream = engine.open(request)
     player = None
@@ -269,7 +285,10 @@ def cmd_speak(args: argparse.Namespace) -> int:
     bar = tqdm(unit="sentence", file=sys.stderr, disable=not sys.stderr.isatty())
     start, first, samples = time.perf_counter(), None, 0
     try:
-        stream.push_text(text)
+        if tokens is not None:
+            stream.push_tokens(tokens)
+        else:
+            stream.push_text(text)
         stream.finish()
         while not stream.done:
             chunk = engine.step([stream])[0]
@@ -388,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--speaker", default=None, help="speaker name or number of a multi-speaker voice")
     k.add_argument("--sentence-silence", type=float, default=0.0, metavar="S",
                    help="seconds of silence between sentences (Piper's --sentence-silence, default 0)")
+    k.add_argument("--tokens", metavar="FILE",
+                   help="CosyVoice 2 (--model DIR with cosyvoice2.yaml, flow.pt, hift.pt): speech tokens to speak "
+                        "instead of text: .npy, .pt, or whitespace/comma-separated integers")
+    k.add_argument("--embedding", metavar="FILE", help="CosyVoice 2: the speaker embedding (192 floats; .npy, .pt "
+                                                       "or text)")
+    k.add_argument("--prompt-tokens", metavar="FILE", help="CosyVoice 2: the prompt's speech tokens (as --tokens)")
+    k.add_argument("--prompt-mel", metavar="FILE", help="CosyVoice 2: the prompt's mel, [2 x prompt tokens, 80] "
+                                                        "(.npy, .pt, or one line of 80 numbers per frame)")
     k.add_argument("--stream", action="store_true",
                    help="sentence by sentence as each is ready: play it (no -o; needs sounddevice) or append it "
                         "to -o")

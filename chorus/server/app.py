@@ -39,7 +39,7 @@ from .funasr_protocol import SUBPROTOCOL, FunAsrAdapter, is_funasr_path
 from .metrics import ServerMetrics
 from .protocol import PROTOCOL, ProtocolError, dumps, parse_start, parse_text
 from .registry import ModelRegistry
-from .tts_protocol import PROTOCOL as TTS_PROTOCOL, parse_tts_start, parse_tts_text
+from .tts_protocol import PROTOCOL as TTS_PROTOCOL, parse_tts_start, parse_tts_text, parse_tts_tokens
 from .tts_session import TtsSession
 from ..stream.scheduler import Scheduler
 
@@ -512,7 +512,7 @@ class AsrServer:
                     continue
                 if kind == "keepalive":
                     continue
-                if kind not in ("text", "flush", "cancel", "stop"):
+                if kind not in ("text", "tokens", "flush", "cancel", "stop"):
                     raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
                 if session is None:
                     raise ProtocolError("not_started", f"{kind} before start")
@@ -522,6 +522,12 @@ class AsrServer:
                         raise ProtocolError("too_much_text", f"more than {cfg.max_pending_text_chars} characters "
                                                              f"of text waiting to be spoken")
                     session.push_text(text, flush)
+                elif kind == "tokens":  # a token-to-wave voice (CosyVoice 2): speech tokens from the user's LLM
+                    tokens, flush = parse_tts_tokens(msg, cfg.max_text_chars)
+                    if session.queued_chars + len(tokens) > cfg.max_pending_text_chars:
+                        raise ProtocolError("too_much_text", f"more than {cfg.max_pending_text_chars} tokens and "
+                                                             f"characters waiting to be spoken")
+                    session.push_tokens(tokens, flush)
                 elif kind == "flush":
                     session.push_flush()
                 elif kind == "cancel":

@@ -40,6 +40,8 @@ CLOSE_CODES = {
     "text_too_long": 1009,        # one `text` message longer than the server's limit
     "too_much_text": 1008,        # text queued and not yet spoken above the server's limit
     "unsupported_text": 1003,     # characters the voice cannot speak
+    "unsupported_input": 1003,    # text for a token-to-wave voice, speech tokens for a text voice
+    "bad_tokens": 1007,           # speech tokens out of the voice's vocabulary, or more than it holds
 }
 
 

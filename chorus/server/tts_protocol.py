@@ -17,6 +17,7 @@ MAX_WAIT_MS = 10_000  # the longest a client may let an unfinished sentence wait
 
 _START_FIELDS = {"type", "voice", "sample_rate", "encoding", "speed", "speaker", "seed", "options", "max_wait_ms"}
 _TEXT_FIELDS = {"type", "text", "flush"}
+_TOKENS_FIELDS = {"type", "tokens", "flush"}
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,18 @@ def parse_tts_text(msg: dict, max_chars: int) -> tuple[str, bool]:
         raise ProtocolError("text_too_long", f"text of {len(text)} characters exceeds the limit of {max_chars} "
                                              f"per message; send it in pieces")
     return text, flush
+
+
+def parse_tts_tokens(msg: dict, max_tokens: int) -> tuple[list[int], bool]:
+    """A `tokens` message (a token-to-wave voice: CosyVoice 2): its speech tokens (a list of at most `max_tokens`
+    non-negative integers; the voice checks its vocabulary) and whether it ends the utterance (`flush`)."""
+    _unknown(msg, _TOKENS_FIELDS, "tokens")
+    tokens, flush = msg.get("tokens"), msg.get("flush", False)
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ProtocolError("bad_message", "tokens.tokens must be a list of integers")
+    if not isinstance(flush, bool):
+        raise ProtocolError("bad_message", "tokens.flush must be a boolean")
+    if len(tokens) > max_tokens:
+        raise ProtocolError("text_too_long", f"{len(tokens)} tokens exceed the limit of {max_tokens} per message; "
+                                             f"send them in pieces")
+    return tokens, flush

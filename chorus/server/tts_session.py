@@ -18,7 +18,8 @@ from typing import Callable
 
 from ..codecs import bytes_per_sample, encode
 from ..stream.scheduler import StepFailed
-from ..stream.tts_contract import AudioChunk, SpeechRequest, TtsStream, UnsupportedOption, UnsupportedText
+from ..stream.tts_contract import (AudioChunk, BadTokens, SpeechRequest, TtsStream, UnsupportedInput,
+                                   UnsupportedOption, UnsupportedText)
 from .protocol import ProtocolError, seconds
 from .registry import ModelEntry
 from .tts_protocol import TtsStart
@@ -58,6 +59,15 @@ class TtsSession:
         with self._lock:
             self.inbox.append(text)
             self.inbox_chars += len(text)
+            if flush:
+                self.inbox.append(("flush",))
+            self.busy = True
+
+    def push_tokens(self, tokens: list[int], flush: bool = False) -> None:
+        """Speech tokens for a token-to-wave voice (checked by the stream on the inference thread)."""
+        with self._lock:
+            self.inbox.append(("tokens", tokens))
+            self.inbox_chars += len(tokens)
             if flush:
                 self.inbox.append(("flush",))
             self.busy = True
@@ -115,6 +125,17 @@ class TtsSession:
                     stream.push_text(item)
                 except UnsupportedText as exc:
                     raise ProtocolError("unsupported_text", str(exc)) from None
+                except UnsupportedInput as exc:
+                    raise ProtocolError("unsupported_input", str(exc)) from None
+            elif item[0] == "tokens":
+                with self._lock:
+                    self.inbox_chars -= len(item[1])
+                try:
+                    stream.push_tokens(item[1])
+                except UnsupportedInput as exc:
+                    raise ProtocolError("unsupported_input", str(exc)) from None
+                except BadTokens as exc:
+                    raise ProtocolError("bad_tokens", str(exc)) from None
             elif item[0] == "flush":
                 stream.flush()
                 self._flushes.append(stream.segments_made)

@@ -44,6 +44,16 @@ class UnsupportedText(ValueError):
     for): the protocol's `unsupported_text`."""
 
 
+class UnsupportedInput(ValueError):
+    """Input of a kind the voice does not take: text for a token-to-wave voice (CosyVoice 2), speech tokens for
+    a text voice (the protocol's `unsupported_input`)."""
+
+
+class BadTokens(ValueError):
+    """Speech tokens a token-to-wave voice cannot use: out of its vocabulary, or more than it can hold (the
+    protocol's `bad_tokens`)."""
+
+
 @dataclass(frozen=True)
 class SpeechRequest:
     """What a client (or the command line) asks of one TTS stream; the family checks it at `open`."""
@@ -120,6 +130,10 @@ class TtsStream(ABC):
         self.chars_in += len(text)
         self._last_text = time.monotonic() if now is None else now
         self._cut(final=False)
+
+    def push_tokens(self, tokens: list[int]) -> None:
+        """Speech tokens, for a token-to-wave family (CosyVoice 2 overrides this); a text voice refuses them."""
+        raise UnsupportedInput("this voice speaks text; it takes no speech tokens")
 
     def flush(self) -> None:
         """Speak what is pending now, unfinished sentence included."""
@@ -281,5 +295,5 @@ class VoiceFamily:
     load: Callable[[Path], Voice]
 
 
-__all__ = ["AudioChunk", "Mark", "SpeechRequest", "TtsEngine", "TtsStream", "UnsupportedOption",
+__all__ = ["AudioChunk", "BadTokens", "Mark", "SpeechRequest", "UnsupportedInput", "TtsEngine", "TtsStream", "UnsupportedOption",
            "UnsupportedText", "Voice", "VoiceFamily"]

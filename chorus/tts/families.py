@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 from ..stream.tts_contract import Voice, VoiceFamily
+from .cosyvoice.family import FAMILY as COSYVOICE2
 from .matcha.family import FAMILY as MATCHA
 from .piper.family import FAMILY as PIPER
 
-FAMILIES: tuple[VoiceFamily, ...] = (PIPER, MATCHA)
+FAMILIES: tuple[VoiceFamily, ...] = (PIPER, MATCHA, COSYVOICE2)
 DEFAULT_VOICE_NAME = "default"
 
 
