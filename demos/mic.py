@@ -3,6 +3,7 @@
 
     python demos/mic.py                                  # microphone -> ws://127.0.0.1:8765/asr
     python demos/mic.py --url ws://host:8765/asr --token T --lookahead-ms 480 --decoder rnnt
+    python demos/mic.py --option mode=window --option commit=agreement   # a model's own settings (see /models)
     python demos/mic.py --file talk.flac                 # a file, sent at real-time pace
     python demos/mic.py --file talk.flac --speed 4       # ... four times faster (0 = as fast as possible)
     python demos/mic.py --list-devices
@@ -44,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bearer token, if the server wants one (default: $CHORUS_TOKEN)")
     p.add_argument("--model", help="a model name from the server's /models (default: the server's default)")
     p.add_argument("--lookahead-ms", type=int, help="encoder lookahead, e.g. 0, 80, 480, 1040 (default: the model's)")
-    p.add_argument("--decoder", choices=("rnnt", "ctc"), help="decoder head (default: the model's)")
+    p.add_argument("--decoder", help="decoder, one of the model's /models `decoders`: rnnt or ctc for a FastConformer, "
+                                     "greedy for Whisper (default: the model's)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a model's own stream setting, sent in start.options (VALUE is JSON, else a string), e.g. "
+                        "--option mode=window for Whisper; /models lists them")
     p.add_argument("--beam-size", type=int, help="rnnt: 1 = greedy, 2-16 = beam search (default: the model's)")
     p.add_argument("--no-endpointing", action="store_true",
                    help="no utterance ends on silence: the whole audio comes back as one final at the end")
@@ -56,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=int, help="microphone: sample rate to capture at (default: the device's)")
     p.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
     args = p.parse_args(argv)
+    try:
+        args.options = parse_options(args.option)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.speed < 0:
         p.error("--speed must be >= 0")
     if not 5 <= args.frame_ms <= 1000:
@@ -198,7 +207,22 @@ def start_message(args: argparse.Namespace, rate: int) -> dict:
         msg["beam_size"] = args.beam_size
     if args.no_endpointing:
         msg["endpointing"] = False
+    if args.options:
+        msg["options"] = args.options
     return msg
+
+
+def parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--option {item!r}: write NAME=VALUE")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 async def stream(args: argparse.Namespace, rate: int, frames, display: Display, hint: str = "") -> int:
@@ -237,7 +261,9 @@ async def stream(args: argparse.Namespace, rate: int, frames, display: Display, 
             if kind == "ready":
                 display.info(f"connected: model {msg['model']}, {msg['decoder']} beam {msg.get('beam_size', 1)}"
                              f"{' + lm' if msg.get('lm') else ''}, lookahead {msg['lookahead_ms']} ms "
-                             f"(chunk {msg['chunk_ms']} ms), sending {rate} Hz pcm_s16le; stream {msg['stream_id']}")
+                             f"(chunk {msg['chunk_ms']} ms)"
+                             + "".join(f", {k} {v}" for k, v in (msg.get("options") or {}).items())
+                             + f", sending {rate} Hz pcm_s16le; stream {msg['stream_id']}")
                 if hint:
                     display.info(hint)
             elif kind == "partial":

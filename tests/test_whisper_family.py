@@ -114,11 +114,13 @@ def test_batched_causal_encoder_equals_encode_block_alone(tiny):
 @pytest.mark.parametrize("mode,block", [("causal", 200), ("window", 500)])
 def test_law2_streams_together_equal_each_alone(tiny, mode, block):
     engine = tiny.make_engine(slots=8)
-    request = StreamRequest(options={"mode": mode, "block_ms": block})
+    # the two commit rules side by side in one batch
+    requests = [StreamRequest(options={"mode": mode, "block_ms": block, "commit": rule})
+                for rule in ("carelesswhisper", "agreement", "carelesswhisper", "agreement", "carelesswhisper")]
     clips = [speechlike(s, i) for i, s in enumerate((1.3, 2.45, 0.7, 3.1, 0.05))]
     starts = [0, 5, 0, 10, 2]  # in 0.1 s pieces: streams open at different times
-    alone = [stream_alone(engine.open(request), c, 0.1) for c in clips]
-    streams = [engine.open(request) for _ in clips]
+    alone = [stream_alone(engine.open(r), c, 0.1) for r, c in zip(requests, clips)]
+    streams = [engine.open(r) for r in requests]
     pos = [0] * len(clips)
     stepped_together = 0
     try:
@@ -228,14 +230,19 @@ def test_describe_options_and_refusals(tiny):
     assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window"]
     assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 2000
     engine = tiny.make_engine(slots=1)
-    for bad in ({"mode": "offline"}, {"block_ms": 300}, {"chunk_size": [0, 10, 5]}, {"look_back": -1}):
+    assert d["options"]["commit"] == ["carelesswhisper", "agreement"]
+    for bad in ({"mode": "offline"}, {"block_ms": 300}, {"chunk_size": [0, 10, 5]}, {"look_back": -1},
+                {"commit": "majority"}):
         with pytest.raises(UnsupportedOption):
             engine.open(StreamRequest(options=bad))
     with pytest.raises(UnsupportedOption):
         engine.open(StreamRequest(beam_size=4))
     s = engine.open(StreamRequest(lookahead_ms=500))  # the block length, under the protocol's name
-    assert s.settings["options"] == {"mode": "causal", "block_ms": 500, "look_back": 2} and s.settings["chunk_ms"] == 500
-    s.close()
+    try:
+        assert s.settings["options"] == {"mode": "causal", "block_ms": 500, "look_back": 2,
+                                         "commit": "carelesswhisper"} and s.settings["chunk_ms"] == 500
+    finally:
+        s.close()
     with pytest.raises(ValueError):
         load_model(tiny.path, "cpu", __import__("chorus.stream.contract", fromlist=["x"]).DecodingDefaults(beam_size=4))
 
@@ -247,7 +254,8 @@ def test_carelesswhisper_checkpoint_offers_its_own_block(tmp_path):
     from whisper_factories import synthetic_ranks, write_tiktoken
     write_tiktoken(tmp_path / "gpt2.tiktoken", synthetic_ranks(False))
     model = load_model(tmp_path / "cw.pt", "cpu")
-    assert model.describe()["options"]["default"] == {"mode": "causal", "block_ms": 200, "look_back": 2}
+    assert model.describe()["options"]["default"] == {"mode": "causal", "block_ms": 200, "look_back": 2,
+                                                      "commit": "carelesswhisper"}
     engine = model.make_engine(slots=1)
     s = stream_alone(engine.open(StreamRequest()), speechlike(1.0, 9), 0.1)
     assert s.done and s.frames_done == 50
@@ -311,3 +319,70 @@ def test_chorus_transcribe_jfk_with_the_default_model():
     got, want = words(out.stdout), words(JFK_TEXT)
     import jiwer
     assert jiwer.wer(" ".join(want), " ".join(got)) <= 0.1
+
+
+# -- commit rules and the silence check -----------------------------------------------------------------
+
+def test_agreement_commits_what_two_steps_agree_on(tiny, monkeypatch):
+    """LocalAgreement-2: each step decodes the tail afresh; the prefix it shares with the tail before the step
+    is committed, nothing more (the last step commits all)."""
+    import chorus.asr.whisper.family as fam
+
+    seen = []
+    decode = fam.decode_step
+
+    def spy(rt, handles, jobs, *args, **kw):
+        before = [(j.committed, list(j.tokens)) for j in jobs]
+        decode(rt, handles, jobs, *args, **kw)
+        seen.extend((c, old, j) for (c, old), j in zip(before, jobs))
+
+    monkeypatch.setattr(fam, "decode_step", spy)
+    engine = tiny.make_engine(slots=1)
+    s = stream_alone(engine.open(StreamRequest(options={"mode": "window", "block_ms": 200, "commit": "agreement"})),
+                     speechlike(3.0, 4), 0.1)
+    grew = 0
+    for committed, old, job in seen:
+        if job.final:
+            assert job.committed == len(job.tokens)
+            continue
+        assert job.tokens[:committed] == old[:committed]  # committed tokens never change
+        previous, tail = old[committed:], job.tokens[committed:]
+        agreed = 0
+        while agreed < min(len(previous), len(tail)) and previous[agreed] == tail[agreed]:
+            agreed += 1
+        assert job.committed == committed + agreed
+        grew += agreed > 0
+    assert grew, "the random model's hypotheses never agreed: the test saw nothing committed"
+    assert s.done
+
+
+def test_a_silent_window_after_an_endpoint_is_not_decoded(tiny, monkeypatch):
+    """After an utterance, a window whose audio stays 40 dB under the loudest of the stream is not decoded
+    (stock Whisper hears "You" in it); the stream's first window is left to the no-speech check."""
+    import chorus.asr.whisper.family as fam
+
+    jobs_seen = []
+    decode = fam.decode_step
+
+    def spy(rt, handles, jobs, *args, **kw):
+        decode(rt, handles, jobs, *args, **kw)
+        jobs_seen.extend(jobs)
+
+    monkeypatch.setattr(fam, "decode_step", spy)
+    engine = tiny.make_engine(slots=1)
+    s = engine.open(StreamRequest(options={"mode": "causal", "block_ms": 200}))
+    try:
+        s.accept_audio(np.concatenate([speechlike(1.0, 3), np.zeros(8000, np.float32)]))  # what is left: quiet
+        while s.ready():
+            step_ready([s])
+        assert not any(j.silent for j in jobs_seen) and s.hypothesis.tokens
+        s.start_next_utterance()
+        jobs_seen.clear()
+        s.accept_audio(np.zeros(16000, np.float32) + 1e-4 * speechlike(1.0, 5))  # -80 dB under it
+        s.finish()
+        while s.ready():
+            step_ready([s])
+        assert jobs_seen and all(j.silent and not j.tokens for j in jobs_seen)
+        assert s.done and s.hypothesis.tokens == []
+    finally:
+        s.close()

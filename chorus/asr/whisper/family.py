@@ -25,6 +25,10 @@ revisable partial; at the end of the stream, of a window (30 s) or at an endpoin
 committed and the next window starts with the last committed tokens as its prompt (<|startofprev|>),
 so a stream runs for hours in bounded memory.
 
+`commit` picks how the tail becomes final: `carelesswhisper` (the rule above, the default) or `agreement`,
+LocalAgreement-2 as whisper_streaming runs it: each block the tail is decoded afresh from the committed tokens,
+and the prefix it shares with the previous block's tail is committed (`look_back` is not used).
+
 Token times are emission times (the end of the block in which a token appeared), not alignments.
 """
 from __future__ import annotations
@@ -53,7 +57,14 @@ PROMPT_TOKENS = 64             # committed tokens carried into the next window
 # second (jfk.flac: 2.2; the espeak-ng sentences of bench/whisper_streaming.py at most 4.4); a window
 # with 4 + 8/s tokens is looping, not transcribing.
 MAX_TOKENS_PER_SECOND = 8.0
-OPTION_NAMES = ("mode", "block_ms", "look_back")
+COMMIT_RULES = ("carelesswhisper", "agreement")  # how the revisable tail becomes final (see the docstring)
+DEFAULT_COMMIT = "carelesswhisper"
+OPTION_NAMES = ("mode", "block_ms", "look_back", "commit")
+# A window whose loudest mel bin stays this far below the loudest of the stream so far (log10 units: 4 = 40 dB)
+# holds no speech and is not decoded: stock Whisper says "You" to the silence an endpoint leaves behind, and
+# its no-speech probability does not always catch a short one (measured on the page's stop after jfk.flac:
+# 0.50 for a 0.19 s window).  The first window of a stream is left to that no-speech check (runtime.py).
+SILENCE_BELOW_MAX = 4.0
 DEFAULT_MEMORY_BUDGET = 1 << 30  # what an engine preallocates at most (slots beyond it are not offered)
 
 
@@ -70,6 +81,10 @@ class WhisperModel(SpeechModel):
         self.causal: CausalConfig | None = bundle.causal
         self.suppress = suppress_tokens(self.tokenizer)
         self.blank = self.tokenizer.encode(" ") + [self.tokenizer.eot]
+        try:  # <|nospeech|> (<|nocaptions|> in the oldest vocabularies): what the silence check reads
+            self.no_speech: int | None = self.tokenizer.no_speech
+        except Exception:
+            self.no_speech = None
 
     # -- settings ----------------------------------------------------------------------------
     def blocks_ms(self, mode: str) -> list[int]:
@@ -84,8 +99,8 @@ class WhisperModel(SpeechModel):
         blocks = self.blocks_ms(mode)
         return DEFAULT_BLOCK_MS if DEFAULT_BLOCK_MS in blocks else blocks[0]
 
-    def setting(self, request: StreamRequest) -> tuple[str, int, int]:
-        """(mode, block_ms, look_back) of a request, checked."""
+    def setting(self, request: StreamRequest) -> tuple[str, int, int, str]:
+        """(mode, block_ms, look_back, commit) of a request, checked."""
         options = dict(request.options)
         unknown = set(options) - set(OPTION_NAMES)
         if unknown:
@@ -106,7 +121,10 @@ class WhisperModel(SpeechModel):
         look_back = options.get("look_back", LOOK_BACK)
         if not isinstance(look_back, int) or isinstance(look_back, bool) or not 0 <= look_back <= 8:
             raise UnsupportedOption(f"look_back {look_back!r} is not offered; use an integer in 0..8")
-        return mode, int(block), look_back
+        commit = options.get("commit", DEFAULT_COMMIT)
+        if commit not in COMMIT_RULES:
+            raise UnsupportedOption(f"commit {commit!r} is not offered; use one of {list(COMMIT_RULES)}")
+        return mode, int(block), look_back, commit
 
     def bytes_per_stream(self) -> int:
         """A stream's share of the runtime when its window is full: the mel window and tail, the encoder's
@@ -132,9 +150,9 @@ class WhisperModel(SpeechModel):
                 "default_lookahead_ms": self.default_block_ms(default), "default_beam_size": 1, "lm": False,
                 "sample_rate": self.sample_rate,
                 "options": {"mode": list(MODES), "block_ms": {m: self.blocks_ms(m) for m in MODES},
-                            "look_back": list(range(9)),
+                            "look_back": list(range(9)), "commit": list(COMMIT_RULES),
                             "default": {"mode": default, "block_ms": self.default_block_ms(default),
-                                        "look_back": LOOK_BACK}}}
+                                        "look_back": LOOK_BACK, "commit": DEFAULT_COMMIT}}}
 
 
 class WhisperEngine(Engine):
@@ -150,8 +168,8 @@ class WhisperEngine(Engine):
             raise UnsupportedOption(f"decoder {request.decoder!r} not offered; use ['greedy']")
         if request.beam_size not in (None, 1):
             raise UnsupportedOption("this model decodes greedily (beam_size 1)")
-        mode, block_ms, look_back = self.model.setting(request)
-        return WhisperStream(self, mode, block_ms, look_back, request.sample_rate)
+        mode, block_ms, look_back, commit = self.model.setting(request)
+        return WhisperStream(self, mode, block_ms, look_back, commit, request.sample_rate)
 
     def release(self, stream: "WhisperStream") -> None:
         self.runtime.close(stream.handles)
@@ -178,16 +196,18 @@ class WhisperEngine(Engine):
                 streams[i].advance(plans[i])
         jobs = [s.decode_job(p) for s, p in zip(streams, plans)]
         m = self.model
-        decode_step(self.runtime, [s.handles for s in streams], jobs, m.suppress, m.blank, m.tokenizer.eot)
+        decode_step(self.runtime, [s.handles for s in streams], jobs, m.suppress, m.blank, m.tokenizer.eot,
+                    m.no_speech)
         return [s.apply(j, p) for s, j, p in zip(streams, jobs, plans)]
 
 
 class WhisperStream(Stream):
-    def __init__(self, engine: WhisperEngine, mode: str, block_ms: int, look_back: int, sample_rate: int):
+    def __init__(self, engine: WhisperEngine, mode: str, block_ms: int, look_back: int, commit: str,
+                 sample_rate: int):
         super().__init__(engine, sample_rate, SAMPLE_RATE)
         model = engine.model
         self.mode, self.block_ms, self.look_back = mode, block_ms, look_back
-        self.rule = "carelesswhisper"  # runtime.DecodeJob also has "agreement" (not offered as an option yet)
+        self.rule = commit
         self.block = round(block_ms / 1000 / ENCODER_FRAME_SECONDS)       # encoder frames per block
         causal = model.causal if mode == "causal" else None
         self.first_block = causal.first_block if causal is not None else self.block
@@ -197,6 +217,7 @@ class WhisperStream(Stream):
         self.capacity = model.model.dims.n_audio_ctx                       # encoder frames in a window
         self.features = IncrementalLogMel(model.model.dims.n_mels)
         self.maximum = -math.inf                                          # running max of the raw log-mel
+        self.window_peak = -math.inf                                      # the same over the current window
         self.pending = torch.zeros(model.model.dims.n_mels, 0)            # raw mel not yet in a block
         self.window_frames = 0        # encoder frames of the current window
         self.window_mel = 0           # mel frames of the current window (window mode)
@@ -208,7 +229,8 @@ class WhisperStream(Stream):
         self._reset = False
         self._final_done = False
         self.settings = {"decoder": "greedy", "beam_size": 1, "lm": False, "lookahead_ms": block_ms,
-                         "chunk_ms": block_ms, "options": {"mode": mode, "block_ms": block_ms, "look_back": look_back}}
+                         "chunk_ms": block_ms, "options": {"mode": mode, "block_ms": block_ms, "look_back": look_back,
+                                                       "commit": commit}}
         self.handles = engine.runtime.open()
 
     @property
@@ -280,9 +302,10 @@ class WhisperStream(Stream):
         last = self.finished and self.pending.shape[1] - take <= 0
         after = frames + n
         window_end = not last and after + self.block > self.capacity
+        peak = float(self.pending[:, :take].max()) if take else -math.inf
         if self.mode == "causal":  # floored once, with the maximum heard so far
             mel = normalise(mel, self.maximum)
-        return {"reset": reset, "n": n, "mel": mel, "valid": valid, "take": take, "last": last,
+        return {"reset": reset, "peak": peak, "n": n, "mel": mel, "valid": valid, "take": take, "last": last,
                 "final": last or window_end}
 
     def reset_window(self) -> None:
@@ -291,6 +314,7 @@ class WhisperStream(Stream):
         self.base = len(self.hypothesis.tokens)
         self.tokens, self.committed, self.tail_logprobs = [], 0, []
         self.window_frames = self.window_mel = 0
+        self.window_peak = -math.inf
         self._reset = False
         self.engine.runtime.reset_window(self.handles)
 
@@ -304,6 +328,7 @@ class WhisperStream(Stream):
     def advance(self, plan: dict) -> None:
         self.pending = self.pending[:, plan["take"]:]
         self.window_frames += plan["n"]
+        self.window_peak = max(self.window_peak, plan["peak"])
         self.frames_done += plan["n"]
 
     def decode_job(self, plan: dict) -> DecodeJob:
@@ -312,7 +337,9 @@ class WhisperStream(Stream):
         seconds = self.window_frames * ENCODER_FRAME_SECONDS
         return DecodeJob(context, list(self.tokens), self.committed, list(self.tail_logprobs),
                          max_tokens=4 + math.ceil(MAX_TOKENS_PER_SECOND * seconds), final=plan["final"],
-                         look_back=self.look_back, rule=self.rule)
+                         look_back=self.look_back, rule=self.rule,
+                         sot_index=context.index(tok.sot) if self.committed == 0 else -1,
+                         silent=self.window_peak < self.maximum - SILENCE_BELOW_MAX)
 
     def apply(self, job: DecodeJob, plan: dict) -> list[Token]:
         """The window's new tokens into the hypothesis; returns the tokens that changed."""

@@ -206,10 +206,15 @@ class DecodeJob:
     max_tokens: int                  # the tokens-per-second bound for this window
     final: bool                      # the stream's (or window's) last step: decode to <|endoftext|>, commit all
     look_back: int = 2
-    rule: str = "carelesswhisper"    # or "agreement": a tail token is kept only while it stays the argmax
+    rule: str = "carelesswhisper"    # or "agreement": LocalAgreement-2 (whisper_streaming): the tail is decoded
+                                     # afresh each step and its prefix shared with the last step's tail committed
     stopped_by: str = ""             # "", "eot", "repeat", "rate", "ctx" (why decoding stopped)
     cropped_at: int | None = None    # where the tail check cut the tokens
     kept: int = 0                    # tokens there before this step that the check kept
+    previous_tail: list[int] = field(default_factory=list)  # "agreement": the tail before this step
+    silent: bool = False             # the window holds no speech (family.py): nothing is decoded
+    sot_index: int = -1              # where <|startoftranscript|> is in `context` (-1: no no-speech check)
+    no_speech_prob: float | None = None  # P(<|nospeech|>) after it, while the window has nothing committed
     logprobs: list[float] = field(default_factory=list)
 
 
@@ -227,9 +232,15 @@ def repeated_tail(tokens: list[int], start: int, max_n: int = 32) -> int:
     return 0
 
 
+# openai/whisper's thresholds for a silent segment: no-speech probability above 0.6 and an average token
+# log-probability below -1 (its `transcribe` skips such a segment)
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+
 @torch.no_grad()
 def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppress: list[int], blank: list[int],
-                eot: int) -> None:
+                eot: int, no_speech: int | None = None) -> None:
     """Run the decoder for every job together: the prompt and tokens in one forward (self K/V to the paged
     cache), CarelessWhisper's check of the tail (from the end of the committed tokens on, a token is kept
     while its log-probability does not fall or it stays the argmax; the first that fails is cut with
@@ -251,24 +262,33 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
         ids[i, :len(s)] = torch.tensor(s)
     # logits only where they are read: from the last committed token's position on (row p - first is
     # position p); log-probabilities and argmax only of the rows the tail check reads, row by row
-    first = max(0, min(len(j.context) + j.committed - 1 for j in jobs))
+    for j in jobs:  # Whisper's no-speech check, while the window has nothing committed
+        if j.committed or j.sot_index < 0:
+            j.sot_index = -1
+    first = max(0, min(j.sot_index if j.sot_index >= 0 else len(j.context) + j.committed - 1 for j in jobs))
     logits = _forward(rt, ids, torch.zeros(b, dtype=torch.long), lengths, ssid, cross, heads, first)
+    for i, j in enumerate(jobs):  # read before the suppression, as openai/whisper reads it
+        if j.sot_index >= 0 and no_speech is not None:
+            j.no_speech_prob = float(torch.softmax(logits[i, j.sot_index - first].float(), -1)[no_speech])
     suppress_t = torch.tensor(suppress, device=rt.device)
     logits[..., suppress_t] = -np.inf
     active, lengths_now = [], lengths.clone()
     for i, j in enumerate(jobs):
         j.logprobs = []
         j.kept = len(j.tokens)
-        if not has_audio[i]:
+        if not has_audio[i] or j.silent:
             active.append(False)
             continue
         c = len(j.context)
         keep = len(j.tokens)
-        for t in range(j.committed, len(j.tokens)):
+        if j.rule == "agreement":  # decode the tail afresh; it is compared with this one after decoding
+            j.previous_tail = j.tokens[j.committed:]
+            keep = j.committed
+        for t in range(j.committed, keep):
             tok, row = j.tokens[t], logits[i, c + t - 1 - first]
             lp = float(torch.log_softmax(row, dim=-1)[tok])
             old = j.tail_logprobs[t - j.committed] if t - j.committed < len(j.tail_logprobs) else -np.inf
-            if int(row.argmax()) == tok or (j.rule == "carelesswhisper" and lp >= old):
+            if int(row.argmax()) == tok or lp >= old:
                 j.logprobs.append(lp)
                 continue
             keep = t
@@ -330,8 +350,20 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
         last[idx] = out[:, 0]
         lengths_now[idx] += 1
     for j in jobs:
+        # a window that has committed nothing and that Whisper takes for silence keeps nothing: stock Whisper
+        # says "You" or "Thank you." to a block of silence (what an endpoint leaves at the start of a window)
+        if (j.no_speech_prob is not None and j.no_speech_prob > NO_SPEECH_THRESHOLD and j.tokens and j.logprobs
+                and sum(j.logprobs) / len(j.logprobs) < LOGPROB_THRESHOLD):
+            del j.tokens[:]
+            j.logprobs, j.stopped_by = [], "no_speech"
         if j.final:
             j.committed = len(j.tokens)
+        elif j.rule == "agreement":
+            # LocalAgreement-2: what two consecutive steps agree on is committed
+            tail, agreed = j.tokens[j.committed:], 0
+            while agreed < min(len(tail), len(j.previous_tail)) and tail[agreed] == j.previous_tail[agreed]:
+                agreed += 1
+            j.committed += agreed
         else:
             # older than the look-back, and already there (and kept) before this step's new audio
             j.committed = max(j.committed, min(j.kept, len(j.tokens) - j.look_back))

@@ -11,7 +11,7 @@
   const ui = {
     model: $("model"), decoder: $("decoder"), lookahead: $("lookahead"), start: $("start"), stop: $("stop"),
     level: $("level"), status: $("status"), info: $("info"), finals: $("finals"), partial: $("partial"),
-    transcript: $("transcript"),
+    transcript: $("transcript"), options: $("model-options"),
   };
   const params = new URLSearchParams(location.search);
   const token = params.get("token");
@@ -51,7 +51,9 @@
     const busy = state === "starting" || state === "listening" || state === "stopping";
     ui.start.disabled = busy || demo.models.length === 0;
     ui.stop.disabled = !(state === "starting" || state === "listening");
-    for (const sel of [ui.model, ui.decoder, ui.lookahead]) sel.disabled = busy || demo.models.length === 0;
+    for (const sel of [ui.model, ui.decoder, ui.lookahead, ...optionSelects()]) {
+      sel.disabled = busy || demo.models.length === 0;
+    }
   }
 
   function fail(text, code = "client") {
@@ -106,11 +108,45 @@
     return o;
   }
 
+  function optionSelects() { return [...ui.options.querySelectorAll("select")]; }
+
+  // A model's own stream options that /models lists as a choice of values (Whisper: mode, commit, look_back;
+  // its block_ms is the lookahead choice): one select each, preselected from the URL (`?mode=window`).
+  function fillFamilyOptions(m) {
+    ui.options.replaceChildren();
+    const options = (m && m.options) || {};
+    const defaults = options.default || {};
+    for (const [name, values] of Object.entries(options)) {
+      if (!Array.isArray(values) || name === "block_ms") continue;
+      const sel = document.createElement("select");
+      sel.id = `option-${name}`;
+      sel.dataset.option = name;
+      sel.dataset.numeric = String(values.every((v) => typeof v === "number"));
+      const dflt = name in defaults ? ` (${defaults[name]})` : "";
+      sel.append(option("", `default${dflt}`), ...values.map((v) => option(String(v), String(v))));
+      const wanted = params.get(name);
+      if (wanted && !values.map(String).includes(wanted)) sel.append(option(wanted, wanted));
+      sel.value = wanted || "";
+      const label = document.createElement("label");
+      label.append(`${name[0].toUpperCase()}${name.slice(1).replace("_", " ")} `, sel);
+      ui.options.append(label);
+    }
+  }
+
+  function chosenOptions() {
+    const chosen = {};
+    for (const sel of optionSelects()) {
+      if (sel.value) chosen[sel.dataset.option] = sel.dataset.numeric === "true" ? Number(sel.value) : sel.value;
+    }
+    return chosen;
+  }
+
   // The decoder and lookahead choices of the selected model; `want` preselects (e.g. from the URL).
   function fillModelOptions(want = { decoder: "", lookahead: "" }) {
     const m = demo.models.find((x) => x.name === ui.model.value) || demo.models[0];
     ui.decoder.replaceChildren(option("", "default"));
     ui.lookahead.replaceChildren(option("", "default"));
+    fillFamilyOptions(m);
     if (!m) return;
     for (const d of m.decoders || []) ui.decoder.append(option(d, d));
     for (const l of m.lookahead_ms || []) ui.lookahead.append(option(String(l), `${l} ms`));
@@ -260,6 +296,8 @@
     if (ui.model.value) msg.model = ui.model.value;
     if (ui.decoder.value) msg.decoder = ui.decoder.value;
     if (ui.lookahead.value) msg.lookahead_ms = Number(ui.lookahead.value);
+    const options = chosenOptions();
+    if (Object.keys(options).length) msg.options = options;
     return msg;
   }
 
@@ -268,8 +306,9 @@
     setState("listening", audio && audio.ctx.state === "suspended"
       ? "connected, but the browser keeps audio paused: click anywhere on the page to start the microphone"
       : "listening: speak now");
+    const options = Object.entries(r.options || {}).map(([k, v]) => `${k} ${v}`).join(", ");
     ui.info.textContent = `model ${r.model} · ${r.decoder} · lookahead ${r.lookahead_ms} ms ` +
-      `(chunk ${r.chunk_ms} ms) · capturing ${demo.sampleRate} Hz pcm_s16le in ${frameMs} ms frames · ` +
+      `(chunk ${r.chunk_ms} ms)${options ? ` · ${options}` : ""} · capturing ${demo.sampleRate} Hz pcm_s16le in ${frameMs} ms frames · ` +
       `stream ${r.stream_id}`;
   }
 
