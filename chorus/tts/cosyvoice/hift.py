@@ -21,9 +21,12 @@ CosyVoice does.
 Checkpoint. `hift.pt` is a plain state dict with CosyVoice's module names (a `generator.` prefix, as a GAN
 checkpoint has it, is dropped as CosyVoice drops it). Weight norm is stored as torch's parametrization
 (`x.parametrizations.weight.original0/1`) in what CosyVoice 2 saves, and as `x.weight_g / x.weight_v` by older
-torch; both load, folded into plain weights (w = g v / ||v||). Sizes come from the yaml's `hift:` section, read
-as plain numbers (`HiftConfig.from_mapping`); CosyVoice 3's causal HiFT and CosyVoice 1's 22.05 kHz source
-(`SineGen`) are refused by name, not approximated.
+torch; both load, folded into plain weights (w = g v / ||v||, computed as torch computes it on each forward).
+Sizes come from the yaml's `hift:` section, read as plain numbers (`HiftConfig.from_mapping`); CosyVoice 3's
+causal HiFT and CosyVoice 1's 22.05 kHz source (`SineGen`) are refused by name, not approximated.
+
+Parity (bench/cosyvoice_parity.py): on a checkpoint CosyVoice built and saved, HiftStreamer fed CosyVoice's mel
+chunks gives CosyVoice2Model.token2wav's audio bit for bit (same weights, same draws in the same memory layout).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chorus.tts.hifigan.model import fold_weight_norm, get_padding
+from chorus.tts.hifigan.model import get_padding
 
 
 TAG_KEY = "!"  # where config.read_cosyvoice_yaml keeps a mapping's HyperPyYAML tag
@@ -261,7 +264,10 @@ class NsfSource(nn.Module):
         so that a stream batched with others draws what it draws alone."""
         if not isinstance(generators, (list, tuple)):
             initial = torch.rand(batch, self.harmonics, generator=generators)
-            noise = torch.randn(batch, length, self.harmonics, generator=generators)
+            # CosyVoice draws this with randn_like on its sines, whose memory is [B, H, L] (a transpose of the
+            # interpolation's output); torch fills memory in order, and a non-contiguous tensor by another
+            # algorithm than a contiguous one, so the same layout is needed for the same numbers.
+            noise = torch.empty(batch, self.harmonics, length).transpose(1, 2).normal_(generator=generators)
             torch.randn(batch, length, 1, generator=generators)  # CosyVoice's unused noise branch: keeps draws aligned
             return initial, noise
         if len(generators) != batch:
@@ -388,9 +394,8 @@ def load_hift(path: str | Path, config: HiftConfig | dict | None = None) -> Hift
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise NotAHift(f"{path}: not a plain state dict of tensors (CosyVoice's hift.pt is one)")
     state = {k[len("generator."):] if k.startswith("generator.") else k: v for k, v in state.items()}
-    _check_weight_norm_pairs(state, path)
     model = HiftGenerator(cfg)
-    folded = fold_weight_norm(state)
+    folded = fold_weight_norm(state, path)
     own = model.state_dict()
     missing = sorted(set(own) - set(folded))
     unexpected = sorted(set(folded) - set(own))
@@ -406,13 +411,27 @@ def load_hift(path: str | Path, config: HiftConfig | dict | None = None) -> Hift
     return model.eval()
 
 
-def _check_weight_norm_pairs(state: dict, path: Path) -> None:
-    pairs = ((".weight_g", ".weight_v"), (".parametrizations.weight.original0", ".parametrizations.weight.original1"))
-    for a, b in pairs:
-        for one, other in ((a, b), (b, a)):
-            for key in state:
-                if key.endswith(one) and key[:-len(one)] + other not in state:
-                    raise NotAHift(f"{path}: {key} has no {key[:-len(one)] + other} (weight norm needs both)")
+WEIGHT_NORM_PAIRS = ((".parametrizations.weight.original0", ".parametrizations.weight.original1"),  # torch >= 2.1
+                     (".weight_g", ".weight_v"))                                                 # older torch
+
+
+def fold_weight_norm(state: dict, path: Path) -> dict:
+    """Weight-normed layers' (g, v) -> weight, with torch._weight_norm: what torch computes from them on every
+    forward in CosyVoice, so the weights are the same floats (F0 and the source's phase are sensitive to them)."""
+    out = dict(state)
+    for g_suffix, v_suffix in WEIGHT_NORM_PAIRS:
+        for key in [k for k in state if k.endswith(g_suffix) or k.endswith(v_suffix)]:
+            if key not in out:
+                continue
+            base = key[:-len(g_suffix)] if key.endswith(g_suffix) else key[:-len(v_suffix)]
+            g, v = out.pop(base + g_suffix, None), out.pop(base + v_suffix, None)
+            if g is None or v is None:
+                raise NotAHift(f"{path}: {key} has no {base + (v_suffix if v is None else g_suffix)} "
+                               "(weight norm needs both)")
+            if base + ".weight" in out:
+                raise NotAHift(f"{path}: {base}.weight is stored both plain and weight-normed")
+            out[base + ".weight"] = torch._weight_norm(v.float(), g.float(), 0)
+    return out
 
 
 def _few(items: list, n: int = 4) -> str:
