@@ -184,3 +184,35 @@ def test_streams_pushed_together_equal_each_alone(monkeypatch):
         for g, w in zip(together[i], alone[i]):
             assert g.shape == w.shape
             torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
+
+
+def test_source_draws_as_cosyvoice():
+    """SourceModuleHnNSF(SineGen2) written the way CosyVoice computes it, its noise from the global RNG with
+    randn_like (whose values follow the sines' transposed memory layout): the same excitation, float for float."""
+    hift = random_hift()
+    f0 = hift.f0_predictor(mel(9, seed=4)).detach().repeat_interleave(480, dim=1)[:, :, None]  # [1, L, 1]
+    src = hift.m_source
+
+    torch.manual_seed(8)
+    fn = f0 * torch.arange(1, 10, dtype=torch.float32)
+    rad = (fn / 24000) % 1
+    rand_ini = torch.rand(1, 9)
+    rand_ini[:, 0] = 0
+    rad[:, 0, :] = rad[:, 0, :] + rand_ini
+    rad = torch.nn.functional.interpolate(rad.transpose(1, 2), scale_factor=1 / 480, mode="linear").transpose(1, 2)
+    phase = torch.cumsum(rad, dim=1) * 2 * np.pi
+    phase = torch.nn.functional.interpolate(phase.transpose(1, 2) * 480, scale_factor=480,
+                                            mode="linear").transpose(1, 2)
+    sines = torch.sin(phase) * 0.1
+    uv = (f0 > 10).type(torch.float32)
+    noise = (uv * 0.003 + (1 - uv) * 0.1 / 3) * torch.randn_like(sines)
+    want = torch.tanh(src.l_linear(sines * uv + noise))
+    torch.randn_like(uv)  # the noise branch inference does not use
+    after = torch.rand(3)
+
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        got = src(f0, g)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.rand(3, generator=g), after)  # as many numbers drawn as CosyVoice draws
+    assert 0 < float(uv.mean()) < 1  # voiced and unvoiced samples both present
