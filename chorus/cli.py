@@ -12,6 +12,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                    "CTranslate2 directory), or a bundled name: whisper-tiny.en (the default) or "
                                    "fastconformer")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                   help="compute dtype of the model (FastConformer: bf16 encoder and state, or int8 matrix "
+                        "products; other families fp32 only)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +86,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 2
-    model = load_model(args.model, args.device, _decoding(args))
+    model = load_model(args.model, args.device, _decoding(args), args.dtype)
     engine = model.make_engine(slots=args.concurrency)
     request = _request(args, args.lookahead_ms, args.decoder)
     show_bar = len(args.files) > 1 and not args.chunk_stream and sys.stderr.isatty()
@@ -117,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     lookaheads = _lookaheads(args.lookahead_ms)  # bad flags and bad manifest lines fail before the model loads
     counts = {manifest: len(read_manifest(manifest, args.limit)) for manifest in args.manifests}
-    model = load_model(args.model, args.device, _decoding(args))
+    model = load_model(args.model, args.device, _decoding(args), args.dtype)
     engine = model.make_engine(slots=args.concurrency)
     decoders = [args.decoder] if args.decoder else model.describe()["decoders"]
     scores = []
@@ -188,11 +191,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     registry = ModelRegistry()
-    models = [("default", args.model)] + [tuple(spec.split("=", 1)) for spec in args.add_model]
-    for name, path in models:
+    models = [("default", args.model, args.dtype)] + [_added_model(spec) for spec in args.add_model]
+    for name, path, dtype in models:
         # --lm names the default model's LM; other models get beam search without one when --beam > 1
         decoding = _decoding(args) if name == "default" else DecodingDefaults(beam_size=args.beam, lm="none")
-        registry.add(name, load_model(path, args.device, decoding), slots=args.slots)
+        registry.add(name, load_model(path, args.device, decoding, dtype), slots=args.slots)
     voices = _load_voices(args)
     tokens = tuple(t for t in (args.token or []) if t)
     if os.environ.get("CHORUS_TOKEN"):
@@ -207,6 +210,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = AsrServer(registry, config, voices)
     asyncio.run(server.serve_forever())  # until SIGTERM or SIGINT, then a graceful shutdown
     return 0
+
+
+def _added_model(spec: str) -> tuple[str, str, str]:
+    """--add-model NAME=PATH[,dtype=DTYPE] -> (name, path, dtype)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--add-model {spec!r}: write NAME=PATH or NAME=PATH,dtype=bf16")
+    path, sep, dtype = path.rpartition(",dtype=") if ",dtype=" in path else (path, "", "fp32")
+    return name, path, dtype
 
 
 def cmd_speak(args: argparse.Namespace) -> int:
@@ -350,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the WebSocket speech server (/asr, /tts)")
     _add_model_args(s)
-    s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH",
+    s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH[,dtype=DTYPE]",
                    help="offer another model (.nemo or FunASR directory) under NAME (clients pick it with "
-                        "start.model)")
+                        "start.model), computing in DTYPE (fp32 by default; --dtype is the default model's)")
     _add_decoding_args(s)
     s.add_argument("--voice", action="append", default=[], metavar="[NAME=]PATH",
                    help="offer a TTS voice on /tts (a Piper X.onnx with X.onnx.json; a Matcha model.ckpt with its "

@@ -79,7 +79,8 @@ def family_of(path: Path) -> Family:
 
 
 def load_model(path: str | os.PathLike | None, device: str | None = None,
-               decoding: DecodingDefaults = DecodingDefaults()) -> SpeechModel:
-    """Load a checkpoint of any family (the bundled default model when `path` is None)."""
+               decoding: DecodingDefaults = DecodingDefaults(), dtype: str = "fp32") -> SpeechModel:
+    """Load a checkpoint of any family (the bundled default model when `path` is None), computing in
+    `dtype` (fp32, or bf16/int8 where the family offers them)."""
     path = resolve_model_path(path)
-    return family_of(path).load(path, pick_device(device), decoding)
+    return family_of(path).load(path, pick_device(device), decoding).with_dtype(dtype)

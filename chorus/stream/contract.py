@@ -243,6 +243,13 @@ class SpeechModel(ABC):
     def default_lookahead_ms(self) -> int | None:
         return self.describe().get("default_lookahead_ms")
 
+    def with_dtype(self, dtype: str) -> "SpeechModel":
+        """This model computing in `dtype` ("fp32", "bf16", "int8": `--dtype`).  A family that offers
+        more than fp32 overrides this; the others refuse."""
+        if dtype != "fp32":
+            raise ValueError(f"--dtype {dtype}: the {self.family} family computes in fp32 only")
+        return self
+
 
 @dataclass(frozen=True)
 class Family:

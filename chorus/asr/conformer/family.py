@@ -20,6 +20,7 @@ from ...stream.features import OnlineMel
 from ..ngram import NgramLM
 from .beam import BeamConfig, Hyp, Label, RnntBeamSearch
 from .checkpoint import LoadedModel, load_fastconformer
+from .precision import DTYPES, apply_dtype
 from .streaming import ConformerStreamer, StepResult, StreamSetting
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -115,7 +116,13 @@ class ConformerModel(SpeechModel):
                 "chunk_ms": {str(s.lookahead_ms): s.chunk_ms for s in settings},
                 "default_lookahead_ms": self.setting_for_lookahead(None).lookahead_ms,
                 "default_beam_size": self.beam_size, "lm": self.search is not None and self.search.lm is not None,
-                "sample_rate": self.sample_rate, "options": {}}
+                "sample_rate": self.sample_rate, "dtype": getattr(self.model, "dtype_name", "fp32"),
+                "dtypes": list(DTYPES), "options": {}}
+
+    def with_dtype(self, dtype: str) -> "ConformerModel":
+        """Casts (bf16) or quantizes (int8) this model's encoder in place (precision.py)."""
+        apply_dtype(self.model, dtype)
+        return self
 
 
 class ConformerEngine(Engine):

@@ -261,6 +261,8 @@ class RelPositionMultiHeadAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """[q, k, v] of x in one product: [B, T, 3d].  At inference the fused weight is built once
         (and again only if a weight changes); training uses the three linears as they are."""
+        if getattr(self, "qkv_int8", None) is not None:  # the int8 compute path (precision.py)
+            return self.qkv_int8(x)
         if self.training or torch.is_grad_enabled():
             return torch.cat([self.linear_q(x), self.linear_k(x), self.linear_v(x)], dim=-1)
         lins = (self.linear_q, self.linear_k, self.linear_v)
@@ -373,6 +375,8 @@ class ConformerConvolution(nn.Module):
 
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A kernel-size-1 Conv1d applied to channels-last x [B, T, C_in] -> [B, T, C_out]."""
+    if not isinstance(conv, nn.Conv1d):  # replaced by a channels-last product (the int8 path, precision.py)
+        return conv(x)
     return F.linear(x, conv.weight.squeeze(-1), conv.bias)
 
 
@@ -442,6 +446,11 @@ class ConformerEncoder(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.feat_out) if 0 < cfg.feat_out != cfg.d_model else None
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and streaming state are kept in (bf16 when the encoder was cast)."""
+        return self.layers[0].norm_out.weight.dtype
+
+    @property
     def output_dim(self) -> int:
         return self.cfg.feat_out if self.out_proj is not None else self.cfg.d_model
 
@@ -449,7 +458,7 @@ class ConformerEncoder(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole utterances: mel [B, feat, T] -> encoded [B, T', d], lengths [B]."""
         context = tuple(context or self.cfg.att_context_size[0])
-        x, lengths = self.pre_encode(mel.transpose(1, 2), lengths)
+        x, lengths = self.pre_encode(mel.transpose(1, 2).to(self.compute_dtype), lengths)
         x, pos_emb = self.pos_enc(x)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         valid = pos < lengths[:, None]
@@ -459,7 +468,7 @@ class ConformerEncoder(nn.Module):
             x = layer(x, att_mask, pos_emb, ~valid)
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x, lengths
+        return x.float(), lengths
 
     def stream(self, x: torch.Tensor, lengths: torch.Tensor, frames_done: torch.Tensor, cache_len: int,
                kv_window, conv_window, context: tuple[int, int]) -> torch.Tensor:
@@ -482,4 +491,4 @@ class ConformerEncoder(nn.Module):
             x = layer(x, att_mask, pos_emb, ~q_valid, kv_window, conv_window, i)
         if self.out_proj is not None:
             x = self.out_proj(x)
-        return x
+        return x.float()

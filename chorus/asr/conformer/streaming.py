@@ -75,13 +75,14 @@ def conformer_state_spec(model: FastConformerModel) -> StateSpec:
     d = model.encoder.cfg.d_model
     cache_frames = enc.subsampling_factor + 1
     widest = longest_chunk(model)
+    ring_dtype = model.encoder.compute_dtype
     tensors = dict(
         mel_cache=TensorSpec((cache_frames, enc.feat_in)),
         mel_seen=TensorSpec((), torch.long),
         frames_done=TensorSpec((), torch.long),
         # per layer, ring rows of [projected K | projected V] and of depthwise conv inputs (+1 trash row)
-        kv_ring=TensorSpec((enc.n_layers, ring_rows(enc.max_left_context, widest) + 1, 2 * d)),
-        conv_ring=TensorSpec((enc.n_layers, ring_rows(enc.conv_kernel_size - 1, widest) + 1, d)),
+        kv_ring=TensorSpec((enc.n_layers, ring_rows(enc.max_left_context, widest) + 1, 2 * d), ring_dtype),
+        conv_ring=TensorSpec((enc.n_layers, ring_rows(enc.conv_kernel_size - 1, widest) + 1, d), ring_dtype),
     )
     if model.joint is not None:
         r = model.spec.rnnt
@@ -187,7 +188,7 @@ class ConformerStreamer:
         full = torch.cat([mel_cache, padded], dim=1)
         pos = torch.arange(full.shape[1], device=dev)[None, :] + (cache_frames - history)[:, None]
         x = full.gather(1, pos.clamp(max=full.shape[1] - 1)[:, :, None].expand(-1, -1, full.shape[2]))
-        sub, sub_len = model.encoder.pre_encode(x, history + chunk_len)
+        sub, sub_len = model.encoder.pre_encode(x.to(model.encoder.compute_dtype), history + chunk_len)
 
         # Outputs before `drop` were emitted by earlier steps (NeMo drops 2 with a full cache).
         drop_full = 1 + (cache_frames - 1) // enc_cfg.subsampling_factor

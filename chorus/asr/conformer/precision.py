@@ -1,0 +1,88 @@
+"""Compute dtypes of a FastConformer (`--dtype`): fp32 (NeMo's), bf16, int8.
+
+* fp32: the checkpoint as it is.
+* bf16: the encoder (subsampling, every layer) and its streaming state (the K/V and conv rings) in
+  bfloat16.  The decoders (RNNT predictor LSTM, joint, CTC head) stay fp32 and read the encoder
+  output cast back to fp32: they are a few percent of a step, and the beam search and the LM score
+  in fp32 (a documented mix).
+* int8: every matrix product of the encoder (subsampling output, Q/K/V, attention output, both
+  feed-forwards, both pointwise convolutions) runs as int8 x int8 -> int32 with `torch._int_mm`
+  (ATen's integer GEMM, oneDNN/VNNI on x86; what torchao's int8 dynamic-activation path calls):
+  weights quantized once per output channel (symmetric), activations per token at each call
+  (dynamic, symmetric).  Norms, attention scores, the depthwise conv and the decoders stay fp32.
+  This is neither the deprecated `torch.ao.quantization` eager API nor its quantized tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .asr_model import FastConformerModel
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 per output channel and x quantized per token at each call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight_t", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "Int8Linear":
+        """From an nn.Linear or a kernel-1 nn.Conv1d (applied channels-last)."""
+        weight = module.weight.squeeze(-1) if isinstance(module, nn.Conv1d) else module.weight
+        return cls(weight, module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).float()
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        xq = torch.round(x / x_scale).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_t).float() * (x_scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
+    """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    current = getattr(model, "dtype_name", "fp32")
+    if dtype == current:
+        return model
+    if current != "fp32":
+        raise ValueError(f"the model already computes in {current}; load it again for {dtype}")
+    if dtype == "bf16":
+        model.encoder.to(torch.bfloat16)
+    elif dtype == "int8":
+        quantize_encoder_int8(model.encoder)
+    model.dtype_name = dtype
+    return model
+
+
+@torch.no_grad()
+def quantize_encoder_int8(encoder: nn.Module) -> None:
+    pre = encoder.pre_encode
+    pre.out = Int8Linear.of(pre.out)
+    for layer in encoder.layers:
+        for ff in (layer.feed_forward1, layer.feed_forward2):
+            ff.linear1, ff.linear2 = Int8Linear.of(ff.linear1), Int8Linear.of(ff.linear2)
+        attn = layer.self_attn
+        attn.qkv_int8 = Int8Linear(torch.cat([attn.linear_q.weight, attn.linear_k.weight, attn.linear_v.weight]),
+                                   None if attn.linear_q.bias is None else
+                                   torch.cat([attn.linear_q.bias, attn.linear_k.bias, attn.linear_v.bias]))
+        del attn.linear_q, attn.linear_k, attn.linear_v  # replaced by the fused int8 product
+        attn.linear_out = Int8Linear.of(attn.linear_out)
+        conv = layer.conv
+        conv.pointwise_conv1, conv.pointwise_conv2 = Int8Linear.of(conv.pointwise_conv1), \
+            Int8Linear.of(conv.pointwise_conv2)
+    if encoder.out_proj is not None:
+        encoder.out_proj = Int8Linear.of(encoder.out_proj)
