@@ -106,17 +106,46 @@ def datasets(n_fsdd: int, n_strings: int, n_espeak: int, tmp: Path) -> dict[str,
     return sets
 
 
-def offline(model, rows) -> list[str]:
-    out = []
+def offline(model, rows) -> tuple[list[str], list[str]]:
+    """Offline Whisper's texts, as they come and with the streaming path's loop rule applied to its tokens
+    (greedy Whisper without temperature fallback can loop to the end of its 224 tokens; the second list
+    cuts the copies as the streaming guard does, so the two paths are compared with the same guard)."""
+    out, cut = [], []
     for path, _ in rows:
         x, sr = read_audio(path)
-        out.append(transcribe_30s(model.model, model.tokenizer, resample(x, sr, 16000)).text)
-    return out
+        r = transcribe_30s(model.model, model.tokenizer, resample(x, sr, 16000))
+        out.append(r.text)
+        tokens = [t for t in r.tokens if t < model.tokenizer.eot]
+        while (n := wrt.repeated_tail(tokens, 0)):
+            del tokens[-n:]
+        cut.append(model.tokenizer.decode(tokens).strip())
+    return out, cut
 
 
-def streamed(engine, rows, mode: str, block: int, commit: str) -> tuple[list[str], list[float], float, int]:
-    """Texts, first-partial audio times, step seconds, steps."""
+def clip_maximum(path: str, n_mels: int) -> float:
+    """The log-mel maximum of the whole file: the floor offline Whisper uses (minus 8)."""
+    from chorus.asr.whisper.frontend import IncrementalLogMel
+
+    x, sr = read_audio(path)
+    mel = IncrementalLogMel(n_mels)
+    return float(torch.cat([mel.accept(resample(x, sr, 16000)), mel.finish()], dim=1).max())
+
+
+def streamed(engine, rows, mode: str, block: int, commit: str, clip_max: bool = False
+             ) -> tuple[list[str], list[float], float, int]:
+    """Texts, first-partial audio times, step seconds, steps.  `clip_max`: each stream starts with the
+    maximum of its whole file instead of a running maximum (the offline floor; what a stream cannot know)."""
     first: dict[str, float] = {}
+    if clip_max:
+        maxima = [clip_maximum(p, engine.model.model.dims.n_mels) for p, _ in rows]
+        open_stream = engine.open
+
+        def open_with_clip_max(request):  # transcribe_files opens one stream per file, in order
+            stream = open_stream(request)
+            stream.maximum = maxima.pop(0)
+            return stream
+
+        engine.open = open_with_clip_max
 
     def on_chunk(name, stream):
         if name not in first and stream.hypothesis.tokens:
@@ -139,6 +168,7 @@ def streamed(engine, rows, mode: str, block: int, commit: str) -> tuple[list[str
                                         concurrency=1, on_chunk=on_chunk))
     finally:
         engine.step = orig
+        engine.__dict__.pop("open", None)
     return [r.text for r in results], [first.get(p, float("nan")) for p, _ in rows], steps["t"], steps["n"]
 
 
@@ -148,17 +178,20 @@ def accuracy(args) -> None:
     configs = [("window", 1000), ("causal", 1000), ("window", 500), ("causal", 500), ("causal", 2000),
                ("window", 2000)]
     configs = [c for c in configs if c[1] in args.blocks or args.jfk_all]
+    if args.configs_accuracy:
+        configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs_accuracy.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         sets = datasets(args.fsdd, args.digit_strings, args.espeak, Path(tmp))
         print(f"torch threads {torch.get_num_threads()}; sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
         for name, rows in sets.items():
             refs = [r for _, r in rows]
-            hyp = offline(model, rows)
-            print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%")
+            hyp, hyp_cut = offline(model, rows)
+            print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%   "
+                  f"with loops cut: {100 * wer(refs, hyp_cut):5.1f}%")
             for (mode, block), commit in ((c, r) for c in configs for r in args.commits.split(",")):
                 if name != "jfk" and block not in args.blocks:
                     continue
-                texts, firsts, secs, n = streamed(engine, rows, mode, block, commit)
+                texts, firsts, secs, n = streamed(engine, rows, mode, block, commit, args.clip_max)
                 print(f"{name:13} {mode:6} {block:5} ms {commit:15} WER {100 * wer(refs, texts):5.1f}%  "
                       f"first partial at {np.nanmedian(firsts):.2f} s of audio (median)  "
                       f"{1000 * secs / max(n, 1):.0f} ms CPU per block")
@@ -249,6 +282,9 @@ def main() -> None:
     p.add_argument("--espeak", type=int, default=10)
     p.add_argument("--digit-strings", type=int, default=5, help="digit strings per FSDD speaker")
     p.add_argument("--commits", default="carelesswhisper,agreement", help="commit rules to score")
+    p.add_argument("--clip-max", action="store_true", help="streams floor the log-mel with the whole file's maximum "
+                   "(offline's) instead of the running maximum: the running maximum's effect alone")
+    p.add_argument("--configs-accuracy", default="", help="accuracy: only these mode:block_ms, ...")
     p.add_argument("--streams", default="1,4,16")
     p.add_argument("--configs", default="causal:2000,causal:1000,window:1000", help="cost: mode:block_ms, ...")
     p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")

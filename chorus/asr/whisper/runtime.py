@@ -233,8 +233,12 @@ def repeated_tail(tokens: list[int], start: int, max_n: int = 32) -> int:
 
 
 # openai/whisper's thresholds for a silent segment: no-speech probability above 0.6 and an average token
-# log-probability below -1 (its `transcribe` skips such a segment)
+# log-probability below -1 (its `transcribe` skips such a segment).  Before a window's last step a drop only
+# means "wait for more audio"; at the last step it throws the window's words away, so it needs more: a window
+# of silence scored 0.91 (tiny.en), while three real digit strings (bench/whisper_streaming.py) that 0.6 threw
+# away scored 0.61-0.67.
 NO_SPEECH_THRESHOLD = 0.6
+NO_SPEECH_THRESHOLD_LAST = 0.8
 LOGPROB_THRESHOLD = -1.0
 
 
@@ -352,7 +356,8 @@ def decode_step(rt: WhisperRuntime, handles: list, jobs: list[DecodeJob], suppre
     for j in jobs:
         # a window that has committed nothing and that Whisper takes for silence keeps nothing: stock Whisper
         # says "You" or "Thank you." to a block of silence (what an endpoint leaves at the start of a window)
-        if (j.no_speech_prob is not None and j.no_speech_prob > NO_SPEECH_THRESHOLD and j.tokens and j.logprobs
+        threshold = NO_SPEECH_THRESHOLD_LAST if j.final else NO_SPEECH_THRESHOLD
+        if (j.no_speech_prob is not None and j.no_speech_prob > threshold and j.tokens and j.logprobs
                 and sum(j.logprobs) / len(j.logprobs) < LOGPROB_THRESHOLD):
             del j.tokens[:]
             j.logprobs, j.stopped_by = [], "no_speech"
