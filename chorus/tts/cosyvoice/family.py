@@ -16,6 +16,7 @@ chunk's token span [start, end) in place of characters.
 """
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from pathlib import Path
@@ -31,8 +32,11 @@ from .hift import HiftConfig, HiftStreamer, load_hift
 from .reference import non_streaming
 from .streaming import FINAL_EXACT, FINAL_FLAT, FINAL_MODES, FlowChunk, FlowStreamer, HopSchedule, exact_final
 
+log = logging.getLogger("chorus.tts.cosyvoice")
+
 DEFAULT_FINAL = FINAL_EXACT
 DEFAULT_MAX_SECONDS = 30.0   # per utterance, prompt included: sizes the paged K/V of each slot
+DEFAULT_MEMORY_BUDGET = 16 << 30  # state of all slots; CosyVoice 2's full size holds 6.9 GB a slot at 30 s
 MEL_FRAME_RATE = 50          # CosyVoice 2's mel: 24 kHz, hop 480
 OPTIONS = ("embedding", "prompt_tokens", "prompt_mel", "final")
 
@@ -250,10 +254,16 @@ class CosyVoiceEngine(TtsEngine):
         self.voice = voice
         self.name = name
         self.max_frames = min(voice.cfg.noise_frames, int(math.ceil(max_seconds * MEL_FRAME_RATE)))
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        per_slot = FlowStreamer.bytes_per_slot(voice.flow, self.max_frames)
+        if per_slot > budget:
+            raise ValueError(f"one CosyVoice 2 stream of {max_seconds:g} s holds {per_slot / 2**20:.0f} MiB of "
+                             f"state, over the memory budget of {budget / 2**20:.0f} MiB")
+        if slots * per_slot > budget:  # every slot's K/V is preallocated: fewer slots rather than no memory
+            log.warning("voice %s: %d slots of %.0f MiB exceed the memory budget of %.0f MiB; %d slots", name, slots,
+                        per_slot / 2**20, budget / 2**20, budget // per_slot)
+            slots = int(budget // per_slot)
         self.streamer = FlowStreamer(voice.flow, slots=slots, max_frames=self.max_frames, name=name)
-        if memory_budget is not None and self.streamer.nbytes > memory_budget:
-            raise ValueError(f"{slots} CosyVoice 2 streams of {max_seconds:g} s need "
-                             f"{self.streamer.nbytes / 2**20:.0f} MiB, over the budget {memory_budget / 2**20:.0f} MiB")
         self.pool = self.streamer.pool
 
     def open(self, request: SpeechRequest) -> CosyVoiceStream:

@@ -137,6 +137,19 @@ class FlowStreamer:
     def nbytes(self) -> int:
         return self.pool.nbytes + self.enc_kv.nbytes + self.up_kv.nbytes + self.est_kv.nbytes
 
+    @staticmethod
+    def bytes_per_slot(flow: CosyVoiceFlow, max_frames: int, page_frames: int = 50) -> int:
+        """What one slot holds at most (fp32): dominated by the estimator's K/V, 10 steps x 2 (CFG) x 56 layers x
+        (K + V) per mel frame at CosyVoice 2's size (4.6 MB a frame, 230 MB a second)."""
+        cfg, est = flow.cfg, flow.decoder.estimator
+        enc, e = cfg.encoder, est.cfg
+        frames = -(-max_frames // page_frames) * page_frames
+        tokens = -(-(-(-max_frames // cfg.token_mel_ratio)) // enc.static_chunk_size) * enc.static_chunk_size
+        kv = 2 * 4 * (enc.num_blocks * tokens * enc.output_size + enc.num_up_blocks * frames * enc.output_size
+                      + 2 * cfg.n_timesteps * est.attention_layers * frames * e.num_heads * e.attention_head_dim)
+        convs = sum(cfg.n_timesteps * 2 * c * 2 for c in est.conv_channels())
+        return kv + 4 * (cfg.output_size + 6 * enc.output_size + convs)
+
     # -- lifetime --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
