@@ -149,16 +149,27 @@ class PagedKVCache:
         `extra[b]` tokens beyond the committed length are included too (tokens written this
         step but not yet committed).
         """
+        rows, mask = self.gather_rows(sids, extra)
+        k, v = self.take(layer, rows)
+        return k, v, mask
+
+    def gather_rows(self, sids: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows `gather` reads for a batch (`[B, T]`, 0 where masked) and its mask: computed once, they serve
+        every layer of a step (`take`) as long as no stream is reserved or committed in between."""
         sids = sids.to(self.device, torch.long)
         lengths = self.lengths[sids] + (0 if extra is None else extra.to(self.device, torch.long))
         width = int(lengths.max()) if lengths.numel() else 0
         pos = torch.arange(width, device=self.device).expand(len(sids), width)
         mask = pos < lengths[:, None]
         rows = torch.where(mask, self._rows(sids, pos.clamp(max=max(width - 1, 0))), torch.zeros_like(pos))
-        shape = (len(sids), width, *self.k.shape[2:])
+        return rows, mask
+
+    def take(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K, V `[B, T, heads, head_dim]` of `layer` at `rows` from `gather_rows`."""
+        shape = (*rows.shape, *self.k.shape[2:])
         k = self.k[layer].index_select(0, rows.reshape(-1)).view(shape)
         v = self.v[layer].index_select(0, rows.reshape(-1)).view(shape)
-        return k, v, mask
+        return k, v
 
     def _rows(self, sids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         page_idx = (pos // self.page_size).clamp(max=self.max_pages_per_stream - 1)

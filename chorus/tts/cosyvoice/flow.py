@@ -48,21 +48,47 @@ def rel_pos_table(n: int, d: int) -> Tensor:
     return torch.cat([torch.flip(pos, [0]), neg[1:]], dim=0)
 
 
+class StepKV:
+    """One chunk's access to a PagedKVCache for a batch: the rows `reserve`d for the new positions and the rows
+    and attention mask of every position so far, computed once and shared by every layer (and ODE step)."""
+
+    def __init__(self, cache, sids: Tensor, counts: Tensor, q_pos: Tensor, chunk: int | None):
+        self.cache, self.sids, self.counts = cache, sids, counts
+        self.new_rows = cache.reserve(sids, counts)
+        self.rows, valid = cache.gather_rows(sids, extra=counts)
+        self.mask = stream_mask(q_pos, valid, chunk)
+        self.q_pos = q_pos
+        self._rel: Tensor | None = None
+
+    def rel_index(self) -> Tensor:
+        """For relative-position attention: the row of each (query, key) pair in a table of relative positions
+        n-1 ... -(n-1) (n = keys), `[B, W, n]`."""
+        if self._rel is None:
+            n = self.rows.shape[1]
+            rel = self.q_pos[:, :, None] - torch.arange(n, device=self.q_pos.device)[None, None, :]  # i - j
+            self._rel = (n - 1 - rel).clamp(0, 2 * n - 2)
+        return self._rel
+
+    def commit(self) -> None:
+        self.cache.commit(self.sids, self.counts)
+
+    def layer(self, layer: int) -> "KVView":
+        return KVView(self, layer)
+
+
 @dataclass
 class KVView:
-    """Where one attention layer's K/V live for a batch: `cache` (a PagedKVCache), its `layer`, the batch's
-    `sids`, the `rows` reserved for the new positions and how many (`counts`)."""
+    """One attention layer of a `StepKV`."""
 
-    cache: object
+    step: StepKV
     layer: int
-    sids: Tensor
-    rows: Tensor
-    counts: Tensor
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new K/V `[B, W, H, dh]`, return every K/V of the streams so far and the validity mask."""
-        self.cache.write(self.layer, self.rows, k, v)
-        return self.cache.gather(self.layer, self.sids, extra=self.counts)
+        """Store the new K/V `[B, W, H, dh]`; every K/V of the streams so far and the attention mask `[B, W, T]`."""
+        st = self.step
+        st.cache.write(self.layer, st.new_rows, k, v)
+        k_all, v_all = st.cache.take(self.layer, st.rows)
+        return k_all, v_all, st.mask
 
 
 def stream_mask(q_pos: Tensor, valid: Tensor, chunk: int | None) -> Tensor:
@@ -145,18 +171,16 @@ class RelPositionAttention(nn.Module):
             self._pos_key, have = key, size
         return self._pos[have - n: have + n - 1]
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView, chunk: int | None) -> Tensor:
+    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
         """New positions `[B, W, D]` at absolute positions `q_pos [B, W]`; earlier K/V come from the cache."""
         q = self._heads(self.linear_q, x).transpose(1, 2)
-        k_all, v_all, valid = kv.extend(self._heads(self.linear_k, x), self._heads(self.linear_v, x))
+        k_all, v_all, mask = kv.extend(self._heads(self.linear_k, x), self._heads(self.linear_v, x))
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
         n = k_all.shape[2]
         p = self._pos_proj(n)  # row r is relative position n-1-r
         bd = torch.einsum("bhqd,rhd->bhqr", q + self.pos_bias_v[None, :, None], p)
-        rel = q_pos[:, :, None] - torch.arange(n, device=x.device)[None, None, :]  # i - j
-        idx = (n - 1 - rel).clamp(0, 2 * n - 2)
-        bd = torch.gather(bd, 3, idx[:, None].expand(-1, self.h, -1, -1))
-        return self._attend(q, k_all, v_all, bd, stream_mask(q_pos, valid, chunk))
+        bd = torch.gather(bd, 3, kv.step.rel_index()[:, None].expand(-1, self.h, -1, -1))
+        return self._attend(q, k_all, v_all, bd, mask)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -184,8 +208,8 @@ class ConformerLayer(nn.Module):
         x = x + self.self_attn(self.norm_mha(x), mask)
         return x + self.feed_forward(self.norm_ff(x))
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView, chunk: int | None) -> Tensor:
-        x = x + self.self_attn.stream(self.norm_mha(x), q_pos, kv, chunk)
+    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
+        x = x + self.self_attn.stream(self.norm_mha(x), q_pos, kv)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -367,10 +391,10 @@ class Attention(nn.Module):
         q, k, v = (self._split(lin, x).transpose(1, 2) for lin in (self.to_q, self.to_k, self.to_v))
         return self._out(q, k, v, mask)
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView, chunk: int | None) -> Tensor:
+    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
         q = self._split(self.to_q, x).transpose(1, 2)
-        k, v, valid = kv.extend(self._split(self.to_k, x), self._split(self.to_v, x))
-        return self._out(q, k.transpose(1, 2), v.transpose(1, 2), stream_mask(q_pos, valid, chunk))
+        k, v, mask = kv.extend(self._split(self.to_k, x), self._split(self.to_v, x))
+        return self._out(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -385,8 +409,8 @@ class BasicTransformerBlock(nn.Module):
         x = self.attn1(self.norm1(x), mask) + x
         return self.ff(self.norm3(x)) + x
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView, chunk: int | None) -> Tensor:
-        x = self.attn1.stream(self.norm1(x), q_pos, kv, chunk) + x
+    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
+        x = self.attn1.stream(self.norm1(x), q_pos, kv) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -456,8 +480,7 @@ class CausalConditionalDecoder(nn.Module):
         h = self.final_block(h, mask)
         return self.final_proj(h * mask) * mask
 
-    def stream(self, x, mu, t, spks, cond, q_pos: Tensor, kv: "EstimatorKV", st: ConvStates,
-               chunk: int | None) -> Tensor:
+    def stream(self, x, mu, t, spks, cond, q_pos: Tensor, kv: "EstimatorKV", st: ConvStates) -> Tensor:
         """New frames only: x, mu, cond `[B, 80, W]` at absolute frames `q_pos [B, W]`."""
         down_res, down_tf, down_conv, up_res, up_tf, up_conv = self._levels()
         h, t = self._inputs(x, mu, t, spks, cond)
@@ -465,7 +488,7 @@ class CausalConditionalDecoder(nn.Module):
         def transformers(blocks, h):
             h = h.transpose(1, 2)
             for block in blocks:
-                h = block.stream(h, q_pos, kv.next(), chunk)
+                h = block.stream(h, q_pos, kv.next())
             return h.transpose(1, 2)
 
         h = transformers(down_tf, down_res.stream(h, t, st))
@@ -483,11 +506,11 @@ class CausalConditionalDecoder(nn.Module):
 class EstimatorKV:
     """Hands out the K/V views of one ODE step's attention layers in forward order."""
 
-    def __init__(self, cache, base_layer: int, sids: Tensor, rows: Tensor, counts: Tensor):
-        self.cache, self.layer, self.sids, self.rows, self.counts = cache, base_layer, sids, rows, counts
+    def __init__(self, step: StepKV, base_layer: int):
+        self.step, self.layer = step, base_layer
 
     def next(self) -> KVView:
-        view = KVView(self.cache, self.layer, self.sids, self.rows, self.counts)
+        view = self.step.layer(self.layer)
         self.layer += 1
         return view
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ...cache import PagedKVCache, SlotPool
 from ...cache.spec import StateSpec, TensorSpec
-from .flow import CosyVoiceFlow, ConvStates, EstimatorKV, KVView
+from .flow import CosyVoiceFlow, ConvStates, EstimatorKV, StepKV
 
 FINAL_EXACT = "exact"
 FINAL_FLAT = "flat"
@@ -217,21 +217,20 @@ class FlowStreamer:
         x = enc.embed(flow.input_embedding(tok.clamp(min=0))) * valid[..., None]
         h, state["look_tail"] = enc.pre_lookahead_layer.stream(x, counts, state["look_tail"])
         pos = t0[:, None] + torch.arange(width, device=dev)
-        sids = torch.tensor([s.enc_sid for s in states], device=dev)
-        rows = self.enc_kv.reserve(sids, counts)
+        kv = StepKV(self.enc_kv, torch.tensor([s.enc_sid for s in states], device=dev), counts, pos, self.chunk)
         for i, layer in enumerate(enc.encoders):
-            h = layer.stream(h, pos, KVView(self.enc_kv, i, sids, rows, counts), self.chunk)
-        self.enc_kv.commit(sids, counts)
+            h = layer.stream(h, pos, kv.layer(i))
+        kv.commit()
 
         u, state["up_tail"] = enc.up_layer.stream(h, counts, state["up_tail"])
         u = enc.up_embed(u)
         fcounts, f0 = counts * ratio, t0 * ratio
         fpos = f0[:, None] + torch.arange(width * ratio, device=dev)
-        sids = torch.tensor([s.up_sid for s in states], device=dev)
-        rows = self.up_kv.reserve(sids, fcounts)
+        kv = StepKV(self.up_kv, torch.tensor([s.up_sid for s in states], device=dev), fcounts, fpos,
+                    self.chunk * ratio)
         for i, layer in enumerate(enc.up_encoders):
-            u = layer.stream(u, fpos, KVView(self.up_kv, i, sids, rows, fcounts), self.chunk * ratio)
-        self.up_kv.commit(sids, fcounts)
+            u = layer.stream(u, fpos, kv.layer(i))
+        kv.commit()
         mu = flow.encoder_proj(enc.after_norm(u)).transpose(1, 2)  # [B, 80, W']
 
         # the ODE over the new frames, the CFG pair as one batch of 2B
@@ -250,7 +249,7 @@ class FlowStreamer:
         sids2 = torch.tensor([s.est_sids[0] for s in states] + [s.est_sids[1] for s in states], device=dev)
         counts2 = torch.cat([fcounts, fcounts])
         pos2 = torch.cat([fpos, fpos])
-        rows2 = self.est_kv.reserve(sids2, counts2)
+        est_kv = StepKV(self.est_kv, sids2, counts2, pos2, est.cfg.static_chunk_size)
         zeros = torch.zeros_like(mu)
         mu2, cond2 = torch.cat([mu, zeros]), torch.cat([cond, zeros])
         spks2 = torch.cat([state["spks"], torch.zeros_like(state["spks"])])
@@ -258,13 +257,12 @@ class FlowStreamer:
         convs = [state[f"conv{i}"] for i in range(len(self.conv_channels))]
         for k, (t, dt) in enumerate(flow.schedule):
             st = ConvStates([torch.cat([c[:, k, 0], c[:, k, 1]]) for c in convs], counts2)
-            kv = EstimatorKV(self.est_kv, k * self.attn_layers, sids2, rows2, counts2)
-            v = est.stream(torch.cat([xt, xt]), mu2, t.to(mu).expand(2 * n_b), spks2, cond2, pos2, kv, st,
-                           est.cfg.static_chunk_size)
+            kv = EstimatorKV(est_kv, k * self.attn_layers)
+            v = est.stream(torch.cat([xt, xt]), mu2, t.to(mu).expand(2 * n_b), spks2, cond2, pos2, kv, st)
             for c, new in zip(convs, st.states):
                 c[:, k, 0], c[:, k, 1] = new[:n_b], new[n_b:]
             xt = xt + dt.to(mu) * flow.cfg_velocity(v)
-        self.est_kv.commit(sids2, counts2)
+        est_kv.commit()
         self.pool.write(idx, state)
 
         out = []
