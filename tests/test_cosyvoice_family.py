@@ -168,6 +168,11 @@ def test_bad_requests_and_tokens(voice):
         engine.open(SpeechRequest(speed=1.5, options=opts))
     assert engine.pool.used == 0
     s = engine.open(SpeechRequest(options=opts))
+    s.push_tokens([1, 2, 3])  # short of a hop: waiting on the client, so idle (the server's idle timeout runs)
+    assert s.idle and not s.ready() and not s.done
+    s.flush()
+    assert s.ready() and not s.idle
+    s.cancel()
     with pytest.raises(BadTokens, match="100 is outside the vocabulary 0..99"):
         s.push_tokens([1, 100])
     with pytest.raises(UnsupportedInput):

@@ -196,10 +196,11 @@ class CosyVoiceStream(TtsStream):
         return dropped
 
     # -- the scheduler's view ---------------------------------------------------------------------------
-    def ready(self) -> bool:
-        if self.paused or self._closed:
-            return False
+    def _can_step(self) -> bool:
         return (self.ended and bool(self.tokens)) or self.hops.ready(len(self.tokens))
+
+    def ready(self) -> bool:
+        return self._can_step() and not self.paused and not self._closed
 
     @property
     def pending_chars(self) -> int:
@@ -207,11 +208,12 @@ class CosyVoiceStream(TtsStream):
 
     @property
     def idle(self) -> bool:
-        return self.pending_chars == 0
+        """Nothing to do until more tokens come (tokens short of a hop wait for the client: the idle timeout runs)."""
+        return not self._can_step()
 
     @property
     def done(self) -> bool:
-        return self._finished and self.idle
+        return self._finished and not self.tokens and not self.queued and not self._next
 
     # -- the engine's side ------------------------------------------------------------------------------
     def next_chunk(self) -> tuple[FlowChunk, int, int]:
