@@ -17,10 +17,11 @@ re-runs the flow over every token so far and vocodes the new mel behind the HiFT
 set just before, so the HiFT's noise is the global RNG's from that seed (the flow's noise is its fixed buffer).
 OUT.pt holds per chunk: the token offset, the new mel token2wav vocoded (the flow's output from the offset), the
 audio, and the CPU and wall seconds of that token2wav call. --chunks K stops after K chunks (a long stream's
-later chunks cost the most).
+later chunks cost the most). One chunk goes through a throw-away model first (torch's first calls are slow).
 
 concurrent: N such streams at once, each tts() generator in its own thread (as CosyVoice serves concurrent
-requests: one model, one uuid per session); OUT.pt has each chunk's wall time from the start and the total.
+requests: one model, one uuid per session); OUT.pt has each chunk's wall time from the start, the total wall
+time and the process's CPU seconds.
 
 Only the flow and HiFT modules and CosyVoice2Model are used; three modules on their import path are stubs:
 cosyvoice.utils.onnx (the online speech tokenizer: torchaudio and a model file; online features off),
@@ -126,6 +127,7 @@ class Recorder:
             offset = kw["token_offset"]
             mel = self.local.mel[:, :, offset * model.flow.token_mel_ratio:].clone()
             self.local.chunks.append({"token_offset": offset, "mel": mel, "audio": audio.clone(),
+                                      "audio_samples": audio.shape[1],
                                       "cpu_s": c1 - c0, "wall_s": w1 - w0, "end_wall": w1,
                                       "finalize": kw.get("finalize", False)})
             return audio
@@ -168,6 +170,7 @@ def cmd_stream(args):
     torch.set_num_threads(args.threads)
     flow, hift = load(Path(args.dir))
     inputs = torch.load(args.inputs, weights_only=True)
+    warm_up(flow, hift, inputs)
     rec = Recorder(new_model(flow, hift))
     torch.manual_seed(int(inputs["seed"]))
     t0 = time.perf_counter()
@@ -177,10 +180,16 @@ def cmd_stream(args):
     torch.save({"chunks": chunks, "threads": torch.get_num_threads()}, args.out)
 
 
+def warm_up(flow, hift, inputs: dict) -> None:
+    """One chunk through a throw-away model first, so that the timed run does not pay torch's first calls."""
+    Recorder(new_model(flow, hift)).run(inputs, 1)
+
+
 def cmd_concurrent(args):
     torch.set_num_threads(args.threads)
     flow, hift = load(Path(args.dir))
     inputs = torch.load(args.inputs, weights_only=True)
+    warm_up(flow, hift, inputs)
     results = [None] * args.streams
     barrier = threading.Barrier(args.streams + 1)
 
@@ -193,15 +202,15 @@ def cmd_concurrent(args):
     for t in threads:
         t.start()
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     for chunks in results:
         for c in chunks:
             c["end_wall"] -= t0
             del c["mel"], c["audio"]
-    torch.save({"streams": results, "total_s": total, "threads": torch.get_num_threads()}, args.out)
+    torch.save({"streams": results, "total_s": total, "cpu_s": cpu, "threads": torch.get_num_threads()}, args.out)
 
 
 def main():
