@@ -17,7 +17,8 @@ it should not grow with the offset), the largest |mel difference| between them; 
 modes (exact: CosyVoice's full-attention pass; flat: chunk-causal to the end, from the cache) and the largest
 |mel difference| between the modes relative to the mel's range.  With random weights that difference says how
 much the mask matters to such a network, not how a trained model sounds.  Figures are medians over --repeat
-runs of the same utterance; the machine may be shared, so only same-run ratios mean anything.
+runs of the same utterance; each chunk is timed both ways back to back (the machine may be shared: only same-run
+ratios mean anything).
 """
 from __future__ import annotations
 
@@ -75,29 +76,29 @@ def main() -> int:
     rec_times = [[] for _ in plan.chunks]
     cache_times = [[] for _ in plan.chunks]
     exact_times, flat_times = [], []
-    for _ in range(args.repeat):
-        rec = []
+    for _ in range(args.repeat):  # each chunk timed both ways back to back, so load on the machine hits both alike
+        streamer = FlowStreamer(flow, slots=1, max_frames=2 * (len(tokens) + len(ptok)) + 50)
+        state = streamer.open(emb, feat)
+        rec, cached = [], []
         for k, (chunk, offset) in enumerate(zip(plan.chunks, plan.offsets)):
             end = offset + len(chunk.tokens) - (len(ptok) if k == 0 else 0)
             if chunk.final:
                 mel, dt = timed(lambda: flow.inference(torch.tensor([tokens]), ptok_t, pfeat, emb[None], False, True))
+                rec.append(mel[:, :, offset * ratio:])
+                rec_times[k].append(dt)
+                exact, dt = timed(lambda: exact_final(flow, tokens, offset, emb, ptok, feat))
+                exact_times.append(dt)
+                (flat,), dt = timed(lambda: streamer.step([state], [chunk]))
+                flat_times.append(dt)
             else:
                 mel, dt = timed(lambda: flow.inference(torch.tensor([tokens[:end + cfg.pre_lookahead_len]]), ptok_t,
                                                        pfeat, emb[None], True, False))
-            rec.append(mel[:, :, offset * ratio:])
-            rec_times[k].append(dt)
-        streamer = FlowStreamer(flow, slots=1, max_frames=2 * (len(tokens) + len(ptok)) + 50)
-        state = streamer.open(emb, feat)
-        cached = []
-        for k, chunk in enumerate(plan.chunks[:-1]):
-            (mel,), dt = timed(lambda: streamer.step([state], [chunk]))
-            cached.append(mel)
-            cache_times[k].append(dt)
-        (flat,), dt = timed(lambda: streamer.step([state], [plan.chunks[-1]]))
-        flat_times.append(dt)
+                rec.append(mel[:, :, offset * ratio:])
+                rec_times[k].append(dt)
+                (mel,), dt = timed(lambda: streamer.step([state], [chunk]))
+                cached.append(mel)
+                cache_times[k].append(dt)
         streamer.release(state)
-        exact, dt = timed(lambda: exact_final(flow, tokens, plan.offsets[-1], emb, ptok, feat))
-        exact_times.append(dt)
 
     med = statistics.median
     print(f"CosyVoice 2 flow, {args.size} size (random weights), {args.tokens} tokens "

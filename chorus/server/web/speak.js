@@ -43,7 +43,8 @@
       const resp = await fetch(new URL("models", location.href), { cache: "no-store" });
       if (resp.ok) list = await resp.json();
     } catch (e) { /* the transcription panel reports it */ }
-    sp.voices = (Array.isArray(list) ? list : []).filter((m) => m.kind === "tts");
+    // voices that speak text (a CosyVoice 2 voice takes speech tokens from an LLM: not this panel's)
+    sp.voices = (Array.isArray(list) ? list : []).filter((m) => m.kind === "tts" && m.input !== "speech_tokens");
     ui.voice.replaceChildren(...sp.voices.map((v) => {
       const o = document.createElement("option");
       o.value = v.name;
