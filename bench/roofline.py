@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""chorus' FastConformer in fp32 / bf16 / int8 against NeMo fp32, and against the machine's GEMM peak.
+
+    python bench/roofline.py --nemo-python /work/nemo-venv/bin/python                 # 1, 16, 64 streams
+    python bench/roofline.py --streams 1,16 --seconds 3 --repeats 3 --dtypes fp32,int8  # without NeMo
+
+Same model and workload as bench/conformer_streaming.py's comparison with NeMo (its helpers are reused): the
+real size (17 layers, d_model 512, ~115 M parameters, random weights with calibrated heads), att_context_size
+[70, 6], N streams of --seconds of jfk looped, all starting together, one batched step per chunk; NeMo runs
+its own conformer_stream_step on the same .nemo in its venv (bench/nemo_reference.py bench-stream).
+
+First the bench measures the machine's matrix-product peak on --threads threads (best of a few large
+products): fp32 and bf16 `torch.mm`, int8 `torch._int_mm` (int8 x int8 -> int32).  Then each run's
+"useful" work is counted analytically: the encoder's products per audio second for the frames a step adds
+(every linear once per new frame; attention scores and weighted sums over the 70 + 7 frame window; the
+subsampling's output projection), ~2.7 GFLOP per audio second.  NeMo does more (it projects K and V of all
+cached frames again every step); that extra work is not counted, so "fraction of peak" says how close each
+run gets to the cheapest way of doing the same maths at the dtype's peak.
+
+The box is shared (other processes are counted as in conformer_streaming.py and noisy passes re-run); quote
+medians and ratios from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import conformer_streaming as cs  # noqa: E402  (the bench's model, workload and pass helpers)
+
+from chorus.asr.conformer.asr_model import FastConformerModel  # noqa: E402
+from chorus.asr.conformer.checkpoint import save_fastconformer  # noqa: E402
+from chorus.asr.conformer.precision import apply_dtype  # noqa: E402
+from chorus.asr.conformer.streaming import ConformerStreamer  # noqa: E402
+from chorus.codecs import read_audio, resample  # noqa: E402
+
+CONTEXT = (70, 6)
+
+
+def measure_peaks(repeats: int = 5) -> dict[str, float]:
+    """Best GFLOP/s (GOP/s for int8) of large products on this process' threads."""
+    out = {}
+    n = 2048
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        if dtype == torch.int8:
+            a = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+            b = torch.randint(-127, 127, (n, n), dtype=torch.int8)
+            mm = torch._int_mm
+        else:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            mm = torch.mm
+        mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mm(a, b)
+            best = min(best, time.perf_counter() - t)
+        out[name] = 2 * n ** 3 / best / 1e9
+    return out
+
+
+def useful_gflop_per_audio_second(model: FastConformerModel, context) -> float:
+    """The encoder's multiply-adds x 2 per audio second when each frame is projected once."""
+    cfg = model.spec.encoder
+    d, ff, heads = cfg.d_model, cfg.d_model * cfg.ff_expansion_factor, cfg.n_heads
+    left, right = context
+    window = left + right + 1                        # keys a query of a chunk sees at most
+    linear = 4 * d * ff + 3 * d * d + d * d + d * 2 * d + d * d   # two feed-forwards, qkv, out, pointwise 1 and 2
+    attention = heads * (d // heads) * (window + (2 * window - 1) + window)  # q.k, q.p (rel-pos), a.v
+    depthwise = d * cfg.conv_kernel_size
+    per_frame = cfg.n_layers * (linear + attention + depthwise)
+    pre = model.encoder.pre_encode.out
+    per_frame += pre.in_features * pre.out_features
+    frames_per_second = model.spec.mel.sample_rate / model.spec.mel.hop_length / cfg.subsampling_factor
+    return 2 * per_frame * frames_per_second / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", default="1,16,64")
+    p.add_argument("--dtypes", default="fp32,bf16,int8")
+    p.add_argument("--modes", default="encoder,rnnt", help="subset of encoder,rnnt")
+    p.add_argument("--seconds", type=float, default=4.0, help="audio seconds per stream in one pass")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--audio", default=str(cs.DEFAULT_AUDIO))
+    p.add_argument("--tokens-per-frame", type=float, default=0.25)
+    p.add_argument("--max-symbols", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offset-step", type=float, default=0.37)
+    p.add_argument("--noise-threshold", type=float, default=0.05)
+    p.add_argument("--retries", type=int, default=1)
+    p.add_argument("--nemo-python", default=None, help="python of the NeMo venv (NeMo fp32 in the same run)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    streams = [int(s) for s in args.streams.split(",")]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    modes = [m for m in args.modes.split(",") if m]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    peaks = measure_peaks()
+    print(f"GEMM peak measured here ({torch.get_num_threads()} threads, 2048^3 products, best of 5): "
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s",
+          flush=True)
+
+    model = FastConformerModel(cs.real_spec(1024, args.max_symbols)).eval()
+    raw, rate = read_audio(args.audio)
+    audio = resample(raw, rate, cs.SR)
+    rng = cs.np.random.default_rng(args.seed + 12345)
+    clips = [audio] + [cs.loop_clip(audio, int(rng.integers(len(audio))), int(rng.uniform(2, 10) * cs.SR))
+                       for _ in range(8)]
+    cs.calibrate_heads(model, clips, CONTEXT, args.tokens_per_frame)
+    gflop = useful_gflop_per_audio_second(model, CONTEXT)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; useful encoder work "
+          f"{gflop:.2f} GFLOP per audio second (each frame projected once)", flush=True)
+
+    report: dict = dict(argv=sys.argv[1:], threads=torch.get_num_threads(), peaks=peaks,
+                        useful_gflop_per_audio_second=gflop, chorus={})
+    import soundfile as sf
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "audio16k.wav")
+        sf.write(wav, audio, cs.SR, subtype="FLOAT")
+        audio32 = sf.read(wav, dtype="float32")[0]
+        nemo_path = os.path.join(tmp, "real_size.nemo")
+        if args.nemo_python:
+            save_fastconformer(nemo_path, model, cs.synthetic_tokenizer(1024, args.seed))
+        for dtype in dtypes:
+            m = apply_dtype(copy.deepcopy(model), dtype)
+            eng = ConformerStreamer(m, slots=max(streams))
+            setting = eng.setting(CONTEXT)
+            chunk_s = setting.chunk_ms / 1000
+            slot_mib = eng.spec.bytes_per_slot / 2**20
+            report["chorus"][dtype] = {"slot_mib": slot_mib}
+            print(f"\n[chorus {dtype}] {slot_mib:.3f} MiB per slot", flush=True)
+            for n in streams:
+                work = cs.sync_workload(m, setting, cs.sync_audio(audio32, n, args.seconds, args.offset_step))
+                for mode in modes:
+                    cs.run_pass(eng, setting, work, mode, True, cs.nullcontext())  # warm-up pass
+                    tries: list = []
+                    passes = [cs.clean_pass(lambda: cs.run_pass(eng, setting, work, mode, True, cs.nullcontext()),
+                                            args, tries) for _ in range(args.repeats)]
+                    s = cs.summarize(passes, n, chunk_s)
+                    s["foreign_tries"] = tries
+                    s["token_ids"] = passes[0].tokens
+                    report["chorus"][dtype].setdefault(str(n), {})[mode] = s
+                    print(f"  {n:3d} streams {mode:7s} {s['wall']:7.2f} s  {s['throughput']:6.2f} audio-s/s  "
+                          f"foreign CPU per try {tries}", flush=True)
+            del eng, m
+        if args.nemo_python:
+            cmd = [args.nemo_python, str(HERE / "nemo_reference.py"), "bench-stream", nemo_path,
+                   "--audio", wav, "--streams", ",".join(map(str, streams)), "--seconds", str(args.seconds),
+                   "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
+                   "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes",
+                   ",".join(modes), "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
+            print("\n$ " + " ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+                raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
+            report["nemo"] = json.loads(line[len("BENCH_JSON "):])
+
+    print_table(report, streams, dtypes, modes)
+    if args.json:
+        for per in report["chorus"].values():
+            for n in streams:
+                for mode in modes:
+                    per.get(str(n), {}).get(mode, {}).pop("token_ids", None)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+def print_table(report, streams, dtypes, modes) -> None:
+    peaks, gflop, nemo = report["peaks"], report["useful_gflop_per_audio_second"], report.get("nemo")
+    print(f"\n## chorus fp32/bf16/int8 vs NeMo fp32 ({report['threads']} threads; peak fp32 {peaks['fp32']:.0f}, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s; {gflop:.2f} useful GFLOP per audio s)")
+    print("| streams | mode | run | wall s | audio-s/s | x NeMo fp32 | useful GFLOP/s | of its dtype's peak "
+          "| tokens = NeMo |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in streams:
+        for mode in modes:
+            rows = []
+            nemo_tp = None
+            if nemo is not None:
+                r = nemo["results"][str(n)][mode]
+                nemo_tp = r["audio_seconds"] / r["wall"]
+                rows.append(("NeMo fp32", r["wall"], nemo_tp, "fp32", None))
+            for dtype in dtypes:
+                c = report["chorus"][dtype][str(n)][mode]
+                same = None
+                if nemo is not None and mode != "encoder":
+                    ids = nemo["results"][str(n)][mode]["token_ids"]
+                    same = "yes" if c["token_ids"] == ids else \
+                        f"{sum(a == b for a, b in zip(c['token_ids'], ids))}/{len(ids)} streams"
+                rows.append((f"chorus {dtype}", c["wall"], c["throughput"], dtype, same))
+            for name, wall, tp, dtype, same in rows:
+                ratio = f"x{tp / nemo_tp:.2f}" if nemo_tp else "-"
+                print(f"| {n} | {mode} | {name} | {wall:.2f} | {tp:.2f} | {ratio} | {tp * gflop:.1f} "
+                      f"| {tp * gflop / peaks[dtype]:.1%} | {same or '-'} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
