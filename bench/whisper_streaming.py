@@ -137,12 +137,15 @@ def streamed(engine, rows, mode: str, block: int, commit: str, clip_max: bool = 
     maximum of its whole file instead of a running maximum (the offline floor; what a stream cannot know)."""
     first: dict[str, float] = {}
     if clip_max:
-        maxima = [clip_maximum(p, engine.model.model.dims.n_mels) for p, _ in rows]
+        # transcribe_files opens a probe stream (closed at once), then one stream per file, in order
+        maxima = [None] + [clip_maximum(p, engine.model.model.dims.n_mels) for p, _ in rows]
         open_stream = engine.open
 
-        def open_with_clip_max(request):  # transcribe_files opens one stream per file, in order
+        def open_with_clip_max(request):
             stream = open_stream(request)
-            stream.maximum = maxima.pop(0)
+            maximum = maxima.pop(0) if maxima else None
+            if maximum is not None:
+                stream.maximum = maximum
             return stream
 
         engine.open = open_with_clip_max
