@@ -46,8 +46,9 @@ Noise: the box is shared.  Every pass records how much CPU other processes took 
 share among the counted passes.  --skip-staggered runs only the comparison with NeMo.
 
 --dtype bf16 runs the same passes under torch.autocast(bfloat16) (chorus' pool stays fp32);
---dtype bf16-weights tries model.to(bfloat16), which ConformerStreamer does not support (its state
-and inputs are fp32) and fails at construction.
+--dtype bf16-weights casts the whole model with model.to(bfloat16), decoders included, which chorus'
+decoding does not support (its predictor state is fp32).  chorus' own bf16 and int8 paths (the CLI's
+--dtype, chorus/asr/conformer/precision.py) are measured against NeMo by bench/roofline.py.
 
 Figures: wall seconds of a whole pass (median over --repeats, passes interleaved batched/alone),
 audio-seconds processed per wall second (throughput), RTF = wall / audio seconds (aggregate),
