@@ -194,7 +194,7 @@ class ConformerStreamer:
         drop_full = 1 + (cache_frames - 1) // enc_cfg.subsampling_factor
         drop = torch.where(history == cache_frames, torch.full_like(history, drop_full), state["frames_done"])
         produced = (sub_len - drop).clamp(min=0)
-        t_out = max(int(produced.max()), 1)
+        t_out = max(int(produced.max()), 1)  # the step's one read back before the results: a shape
         rows = (drop[:, None] + torch.arange(t_out, device=dev)[None, :]).clamp(max=sub.shape[1] - 1)
         chunk_in = sub.gather(1, rows[:, :, None].expand(-1, -1, sub.shape[2]))
 
