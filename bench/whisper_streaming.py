@@ -178,8 +178,8 @@ def streamed(engine, rows, mode: str, block: int, commit: str, clip_max: bool = 
 def accuracy(args) -> None:
     model = load_model(bundled_models()["whisper-tiny.en"], "cpu")
     engine = model.make_engine(slots=4)
-    configs = [("window", 1000), ("causal", 1000), ("window", 500), ("causal", 500), ("causal", 2000),
-               ("window", 2000)]
+    configs = [("window", 1000), ("causal", 1000), ("padded", 1000), ("window", 500), ("causal", 500),
+               ("padded", 500), ("causal", 2000), ("window", 2000), ("padded", 2000)]
     configs = [c for c in configs if c[1] in args.blocks or args.jfk_all]
     if args.configs_accuracy:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs_accuracy.split(",")]
@@ -289,7 +289,8 @@ def main() -> None:
                    "(offline's) instead of the running maximum: the running maximum's effect alone")
     p.add_argument("--configs-accuracy", default="", help="accuracy: only these mode:block_ms, ...")
     p.add_argument("--streams", default="1,4,16")
-    p.add_argument("--configs", default="causal:2000,causal:1000,window:1000", help="cost: mode:block_ms, ...")
+    p.add_argument("--configs", default="padded:2000,padded:1000,causal:2000,causal:1000,window:1000",
+                   help="cost: mode:block_ms, ...")
     p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")
     p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))

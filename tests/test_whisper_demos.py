@@ -75,7 +75,7 @@ def test_mic_demo_prints_what_whisper_streams(server, whisper, options):
     text = " ".join(m.group(3) for m in finals if m.group(3) != "(no speech)")
     assert text == expected.strip()
     assert word_recall(JFK_TEXT, text) >= 0.9, text
-    assert "greedy" in proc.stderr and f"mode {options.get('mode', 'causal')}" in proc.stderr, proc.stderr
+    assert "greedy" in proc.stderr and f"mode {options.get('mode', 'padded')}" in proc.stderr, proc.stderr
     server.wait_idle()
 
 
@@ -87,7 +87,7 @@ def test_mic_demo_reports_a_refused_option(server):
     server.wait_idle()
 
 
-@pytest.mark.parametrize("options", [{}, {"mode": "window", "block_ms": 1000}])
+@pytest.mark.parametrize("options", [{}, {"mode": "causal"}, {"mode": "window", "block_ms": 1000}])
 def test_a_stream_of_silence_has_no_words(whisper, tmp_path, options):
     """Stock Whisper says "You" to silence; the window-start no-speech check (runtime.py) keeps it out."""
     quiet = tmp_path / "quiet.wav"
@@ -131,10 +131,10 @@ def test_page_streams_to_whisper_with_its_options(server, whisper, mic_wav, tmp_
             offered = page.js("[...document.querySelectorAll('#model-options select')].map(s => "
                               "[s.dataset.option, [...s.options].map(o => o.value)])")
             offered = {name: values for name, values in offered}
-            assert offered["mode"] == ["", "causal", "window"] and "agreement" in offered["commit"], offered
+            assert offered["mode"] == ["", "causal", "window", "padded"] and "agreement" in offered["commit"], offered
             assert "block_ms" not in offered  # the block is the lookahead choice
             ready = state["ready"]
-            assert ready["options"]["commit"] == "agreement" and ready["options"]["mode"] == "causal", ready
+            assert ready["options"]["commit"] == "agreement" and ready["options"]["mode"] == "padded", ready
             assert "commit agreement" in page.js("document.querySelector('#info').textContent")
             page.wait_for("the clip sent", lambda s: s["bytesSent"] / 2 / s["sampleRate"] >= send_seconds,
                           timeout=60 + 3 * send_seconds)

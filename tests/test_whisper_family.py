@@ -20,7 +20,7 @@ from chorus.asr.families import bundled_models, default_model_path, load_model, 
 from chorus.asr.transcribe import stream_alone, transcribe_files
 from chorus.asr.whisper.family import WhisperModel
 from chorus.asr.whisper.frontend import IncrementalLogMel, normalise
-from chorus.asr.whisper.model import HOP_LENGTH, N_FFT, mel_filters, pad_or_trim
+from chorus.asr.whisper.model import HOP_LENGTH, N_FFT, N_FRAMES as N_MEL_FRAMES, mel_filters, pad_or_trim
 from chorus.asr.whisper.runtime import encode_causal, repeated_tail
 from chorus.asr.whisper.streaming import EncoderState, encode_block
 from chorus.codecs import encode
@@ -109,9 +109,45 @@ def test_batched_causal_encoder_equals_encode_block_alone(tiny):
             rt.close(h)
 
 
+@torch.no_grad()
+def test_padded_window_is_whispers_own_encoding(tiny):
+    """Law 1 for `padded` mode: after each block, the decoder's cross-attention K/V of a stream are those of
+    offline Whisper's encoder on the window's mel followed by silence to 30 s (the same floor), for streams
+    of different lengths encoded together."""
+    from chorus.asr.whisper.frontend import FLOOR
+    from chorus.asr.whisper.model import pad_or_trim
+    from chorus.asr.whisper.runtime import encode_window
+
+    enc, dec = tiny.model.encoder, tiny.model.decoder
+    engine = tiny.make_engine(slots=2)
+    rt = engine.runtime
+    handles = [rt.open() for _ in range(2)]
+    try:
+        raws = [torch.randn(80, n) - 2 for n in (90, 310)]
+        maxima = [float(r.max()) for r in raws]
+        mel = rt.pool.tensors["mel"]
+        for h, r in zip(handles, raws):
+            mel[h[0], :, :r.shape[1]] = r
+        encode_window(rt, handles, [r.shape[1] for r in raws], maxima, pad_to_30s=True)
+        for h, r, m in zip(handles, raws, maxima):
+            padded = pad_or_trim(torch.nn.functional.pad(r, (0, 1), value=FLOOR), N_MEL_FRAMES)
+            padded[:, r.shape[1]:] = FLOOR
+            ref = enc(normalise(padded, m)[None])
+            k, v = dec.blocks[0].cross_attn.kv(ref)
+            ck, cv, cmask = rt.cross.gather(0, torch.tensor([h[2]]))
+            assert int(cmask.sum()) == ref.shape[1] == N_MEL_FRAMES // 2
+            heads = dec.blocks[0].cross_attn.n_head
+            got_k, got_v = ck[0, :ref.shape[1]].flatten(1), cv[0, :ref.shape[1]].flatten(1)  # [T, heads * dim]
+            assert (got_k - k[0]).abs().max() < 1e-4 and (got_v - v[0]).abs().max() < 1e-4
+            assert ck.shape[2] == heads
+    finally:
+        for h in handles:
+            rt.close(h)
+
+
 # -- law 2: streams stepped together equal each alone -----------------------------------------------
 
-@pytest.mark.parametrize("mode,block", [("causal", 200), ("window", 500)])
+@pytest.mark.parametrize("mode,block", [("causal", 200), ("window", 500), ("padded", 500)])
 def test_law2_streams_together_equal_each_alone(tiny, mode, block):
     engine = tiny.make_engine(slots=8)
     # the two commit rules side by side in one batch
@@ -227,7 +263,8 @@ def test_a_two_minute_stream_stays_bounded(tiny):
 
 def test_describe_options_and_refusals(tiny):
     d = tiny.describe()
-    assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window"]
+    assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window", "padded"]
+    assert d["options"]["default"]["mode"] == "padded"  # a stock checkpoint's default: Whisper's own input
     assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 2000
     engine = tiny.make_engine(slots=1)
     assert d["options"]["commit"] == ["carelesswhisper", "agreement"]
@@ -239,7 +276,7 @@ def test_describe_options_and_refusals(tiny):
         engine.open(StreamRequest(beam_size=4))
     s = engine.open(StreamRequest(lookahead_ms=500))  # the block length, under the protocol's name
     try:
-        assert s.settings["options"] == {"mode": "causal", "block_ms": 500, "look_back": 2,
+        assert s.settings["options"] == {"mode": "padded", "block_ms": 500, "look_back": 2,
                                          "commit": "carelesswhisper"} and s.settings["chunk_ms"] == 500
     finally:
         s.close()
@@ -281,7 +318,7 @@ def test_the_server_streams_whisper(tiny_path, tmp_path):
     try:
         models = json.loads(urllib.request.urlopen(srv.http + "/models").read())
         w = models[0]
-        assert w["family"] == "whisper" and w["options"]["mode"] == ["causal", "window"]
+        assert w["family"] == "whisper" and w["options"]["mode"] == ["causal", "window", "padded"]
         clips = []
         for i, seconds in enumerate((1.3, 2.2)):
             path = tmp_path / f"c{i}.wav"

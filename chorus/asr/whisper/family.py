@@ -7,10 +7,12 @@ or `--option` on the command line; `lookahead_ms` is taken as the block length):
 * `mode`: `causal` encodes each block once with the block-causal encoder (a frame sees its own block
   and the ones before; CarelessWhisper's training mask, `streaming.py`) and extends the decoder's
   cross-attention K/V with the block's frames; `window` re-encodes the current window (at most 30 s,
-  reset at endpoints) with Whisper's full attention every block.  A stock checkpoint was not trained
-  with the causal mask: `causal` runs it anyway (measured in the README), `window` is its own maths
-  over a window shorter than the 30 s it was trained on (not zero-padded to 30 s: that costs a
-  3000-frame encoder pass per block).
+  reset at endpoints) with Whisper's full attention every block; `padded` does the same with the window
+  followed by silence to 30 s, exactly the input Whisper was trained on (a full 30 s encoder pass per
+  block, whatever the window's length).  A stock checkpoint was not trained with the causal mask:
+  `causal` runs it anyway (measured in the README); `window` is its own maths over a window shorter
+  than the 30 s it was trained on; `padded` is stock Whisper's own input and the default for stock
+  checkpoints (the most accurate measured; a CarelessWhisper checkpoint defaults to `causal`).
 * `block_ms`: the block length (a multiple of 20 ms): 200, 500, 1000 or 2000 for stock checkpoints; a
   CarelessWhisper checkpoint's own `gran` (its first block `(extra_gran_blocks + 1) * gran`).
 
@@ -47,9 +49,9 @@ from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
-MODES = ("causal", "window")
+MODES = ("causal", "window", "padded")
 BLOCK_MS = (200, 500, 1000, 2000)
-DEFAULT_MODE = "causal"        # the best measured on stock tiny.en (README: Whisper; bench/whisper_streaming.py)
+DEFAULT_MODE = "padded"        # the best measured on stock tiny.en (README: Whisper; bench/whisper_streaming.py)
 DEFAULT_BLOCK_MS = 2000
 LOOK_BACK = 2                  # CarelessWhisper's n_tokens_look_back
 PROMPT_TOKENS = 64             # committed tokens carried into the next window
@@ -144,7 +146,7 @@ class WhisperModel(SpeechModel):
 
     def describe(self) -> dict:
         default = self.default_mode()
-        blocks = sorted(set(self.blocks_ms("causal")) | set(self.blocks_ms("window")))
+        blocks = sorted(set().union(*(self.blocks_ms(m) for m in MODES)))
         return {"family": self.family, "format": self.bundle.format, "decoders": ["greedy"],
                 "default_decoder": "greedy", "lookahead_ms": blocks, "chunk_ms": {str(b): b for b in blocks},
                 "default_lookahead_ms": self.default_block_ms(default), "default_beam_size": 1, "lm": False,
@@ -191,7 +193,7 @@ class WhisperEngine(Engine):
                 for i in idx:
                     streams[i].write_window_mel(plans[i]["mel"])
                 encode_window(self.runtime, handles, [streams[i].window_mel for i in idx],
-                              [streams[i].maximum for i in idx])
+                              [streams[i].maximum for i in idx], pad_to_30s=mode == "padded")
             for i in idx:
                 streams[i].advance(plans[i])
         jobs = [s.decode_job(p) for s, p in zip(streams, plans)]
@@ -296,7 +298,7 @@ class WhisperStream(Stream):
             take = min(k, 2 * n)
             # past the end: silence (Whisper pads audio with zeros, whose log-mel is the floor), not 0, which
             # is a loud frame in log10 units and made the model hear words in the padding
-            mel = self.pending[:, :take] if self.mode == "window" else torch.nn.functional.pad(
+            mel = self.pending[:, :take] if self.mode != "causal" else torch.nn.functional.pad(
                 self.pending[:, :take], (0, 2 * n + 1 - take), value=FLOOR)
             valid = take
         last = self.finished and self.pending.shape[1] - take <= 0

@@ -163,12 +163,25 @@ def _extend_cross(rt: WhisperRuntime, csid: Tensor, frames: Tensor, counts: Tens
 
 
 @torch.no_grad()
-def encode_window(rt: WhisperRuntime, handles: list, n_mel: list[int], maxima: list[float]) -> list[int]:
+def encode_window(rt: WhisperRuntime, handles: list, n_mel: list[int], maxima: list[float],
+                  pad_to_30s: bool = False) -> list[int]:
     """Re-encode each stream's window (`n_mel[b]` raw mel frames from its slot, floored with `maxima[b]`,
-    full attention, not padded to 30 s) and rewrite its cross K/V; returns each stream's encoder frames."""
+    full attention) and rewrite its cross K/V; returns each stream's encoder frames.  Not padded: the
+    window's own frames only.  `pad_to_30s`: the window followed by silence to 30 s, exactly what
+    offline Whisper encodes (all 1500 frames, padding included, are the decoder's cross-attention)."""
     enc = rt.model.encoder
     slots = rt.pool.index([h[0] for h in handles])
     csid = torch.tensor([h[2] for h in handles])
+    if pad_to_30s:
+        raw = rt.pool.read(slots, ["mel"])["mel"].clone()
+        past = torch.arange(raw.shape[-1])[None, :] >= torch.tensor(n_mel)[:, None]
+        raw.masked_fill_(past[:, None, :], FLOOR)  # the log-mel of Whisper's zero padding
+        out = enc(normalise(raw, torch.tensor(maxima)).to(rt.dtype))
+        counts = torch.full((len(handles),), out.shape[1])
+        for c in csid.tolist():
+            rt.cross.truncate(c, 0)
+        _extend_cross(rt, csid, out, counts)
+        return counts.tolist()
     mmax = max(n_mel)
     nmax = (mmax + 1) // 2
     mel = normalise(rt.pool.read(slots, ["mel"])["mel"][..., :mmax], torch.tensor(maxima)).to(rt.dtype)
