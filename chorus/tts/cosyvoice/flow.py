@@ -59,14 +59,27 @@ class StepKV:
         self.mask = stream_mask(q_pos, valid, chunk)
         self.q_pos = q_pos
         self._rel: Tensor | None = None
+        self._bias: Tensor | None = None
+
+    def bias(self, dtype: torch.dtype) -> Tensor:
+        """The mask as an additive bias `[B, 1, W, n]` (0 or -inf), made once for every layer's attention."""
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf")).unsqueeze(1)
+        return self._bias
+
+    def rel_span(self) -> tuple[int, int]:
+        """The relative positions i - j this batch's queries and keys span: (largest, smallest)."""
+        n = self.rows.shape[1]
+        return int(self.q_pos.max()), int(self.q_pos.min()) - (n - 1)
 
     def rel_index(self) -> Tensor:
-        """For relative-position attention: the row of each (query, key) pair in a table of relative positions
-        n-1 ... -(n-1) (n = keys), `[B, W, n]`."""
+        """For relative-position attention: the row of each (query, key) pair in the table of relative positions
+        `rel_span()[0]` down to `rel_span()[1]`, `[B, W, n]`."""
         if self._rel is None:
             n = self.rows.shape[1]
             rel = self.q_pos[:, :, None] - torch.arange(n, device=self.q_pos.device)[None, None, :]  # i - j
-            self._rel = (n - 1 - rel).clamp(0, 2 * n - 2)
+            self._rel = self.rel_span()[0] - rel
         return self._rel
 
     def commit(self) -> None:
@@ -159,25 +172,26 @@ class RelPositionAttention(nn.Module):
         padded = torch.cat([x.new_zeros(b, h, t1, 1), x], dim=-1).view(b, h, t2 + 1, t1)
         return padded[:, :, 1:].reshape(b, h, t1, t2)[:, :, :, : t2 // 2 + 1]
 
-    def _pos_proj(self, n: int) -> Tensor:
-        """linear_pos of the table for relative positions n-1 ... -(n-1), `[2n-1, H, dk]`."""
+    def _pos_proj(self, top: int, bottom: int) -> Tensor:
+        """linear_pos of the table's rows for relative positions top ... bottom (descending), `[top-bottom+1, H, dk]`;
+        the projected table is kept and grown on demand (its rows do not depend on its size)."""
         w = self.linear_pos.weight
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         have = 0 if self._pos is None or self._pos_key != key else (self._pos.shape[0] + 1) // 2
-        if have < n:
-            size = max(n, 2 * have, 64)
+        need = max(top, -bottom) + 1
+        if have < need:
+            size = max(need, 2 * have, 64)
             with torch.no_grad():
                 self._pos = self.linear_pos(rel_pos_table(size, w.shape[1]).to(w)).view(-1, self.h, self.d_k)
             self._pos_key, have = key, size
-        return self._pos[have - n: have + n - 1]
+        return self._pos[have - 1 - top: have - bottom]  # row k of the table is relative position have-1-k
 
     def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
         """New positions `[B, W, D]` at absolute positions `q_pos [B, W]`; earlier K/V come from the cache."""
         q = self._heads(self.linear_q, x).transpose(1, 2)
         k_all, v_all, mask = kv.extend(self._heads(self.linear_k, x), self._heads(self.linear_v, x))
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        n = k_all.shape[2]
-        p = self._pos_proj(n)  # row r is relative position n-1-r
+        p = self._pos_proj(*kv.step.rel_span())  # only the relative positions these queries and keys span
         bd = torch.einsum("bhqd,rhd->bhqr", q + self.pos_bias_v[None, :, None], p)
         bd = torch.gather(bd, 3, kv.step.rel_index()[:, None].expand(-1, self.h, -1, -1))
         return self._attend(q, k_all, v_all, bd, mask)
@@ -383,7 +397,9 @@ class Attention(nn.Module):
         return lin(x).view(x.shape[0], x.shape[1], self.heads, self.dim_head)
 
     def _out(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+        """mask: booleans `[B, Tq, Tk]`, or an additive bias `[B, 1, Tq, Tk]` (the cached path's, made once)."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1) if mask.dtype == torch.bool
+                                             else mask)
         return self.to_out[0](out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -393,8 +409,8 @@ class Attention(nn.Module):
 
     def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
         q = self._split(self.to_q, x).transpose(1, 2)
-        k, v, mask = kv.extend(self._split(self.to_k, x), self._split(self.to_v, x))
-        return self._out(q, k.transpose(1, 2), v.transpose(1, 2), mask)
+        k, v, _ = kv.extend(self._split(self.to_k, x), self._split(self.to_v, x))
+        return self._out(q, k.transpose(1, 2), v.transpose(1, 2), kv.step.bias(q.dtype))
 
 
 class BasicTransformerBlock(nn.Module):
