@@ -265,7 +265,7 @@ def test_describe_options_and_refusals(tiny):
     d = tiny.describe()
     assert d["family"] == "whisper" and d["options"]["mode"] == ["causal", "window", "padded"]
     assert d["options"]["default"]["mode"] == "padded"  # a stock checkpoint's default: Whisper's own input
-    assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 1000
+    assert d["options"]["block_ms"]["causal"] == [200, 500, 1000, 2000] and d["default_lookahead_ms"] == 2000
     engine = tiny.make_engine(slots=1)
     assert d["options"]["commit"] == ["carelesswhisper", "agreement"]
     for bad in ({"mode": "offline"}, {"block_ms": 300}, {"chunk_size": [0, 10, 5]}, {"look_back": -1},

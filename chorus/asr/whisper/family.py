@@ -52,8 +52,9 @@ from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, enco
 MODES = ("causal", "window", "padded")
 BLOCK_MS = (200, 500, 1000, 2000)
 DEFAULT_MODE = "padded"        # the best measured on stock tiny.en (README: Whisper; bench/whisper_streaming.py)
-# each mode's best block on stock tiny.en (README: Whisper): padded 1000 ms (500 ms: no better, twice the cost)
-DEFAULT_BLOCK_MS = {"causal": 2000, "window": 2000, "padded": 1000}
+# each mode's default block (README: Whisper): padded 2000 ms (1000 ms is more accurate on digit strings, at twice
+# the encoder cost: a 30 s pass per block)
+DEFAULT_BLOCK_MS = {"causal": 2000, "window": 2000, "padded": 2000}
 LOOK_BACK = 2                  # CarelessWhisper's n_tokens_look_back
 PROMPT_TOKENS = 64             # committed tokens carried into the next window
 # The most tokens a window may hold per second of its audio.  Read English runs at 2-4 Whisper tokens a
