@@ -31,13 +31,16 @@ matcha.utils is imported without its package __init__ (hydra, rich, gdown, matpl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
 import types
 from pathlib import Path
 
-REF = Path("/work/ref/CosyVoice")
+# A checkout of FunAudioLLM/CosyVoice (measured at ace7c47) with third_party/Matcha-TTS at its pinned commit
+# (dd9105b); $COSYVOICE_ROOT says where.
+REF = Path(os.environ.get("COSYVOICE_ROOT", "/work/ref/CosyVoice"))
 sys.path[:0] = [str(REF), str(REF / "third_party" / "Matcha-TTS")]
 # Stubs for modules on the import path that token-to-wave never uses (they need torchaudio or transformers):
 sys.modules["cosyvoice.utils.onnx"] = types.SimpleNamespace(  # flow.py's online speech tokenizer: off
