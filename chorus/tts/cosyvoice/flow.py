@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..matcha.model import FeedForward, TimestepEmbedding, sinusoidal_embedding
+from ..matcha.model import Attention as MatchaAttention
+from ..matcha.model import BasicTransformerBlock as MatchaBlock
+from ..matcha.model import TimestepEmbedding, sinusoidal_embedding
 from .config import EncoderConfig, EstimatorConfig, FlowConfig
 
 
@@ -381,49 +383,21 @@ class CausalResnetBlock1D(nn.Module):
         return self.block2.stream(h, st) + self.res_conv(x)
 
 
-class Attention(nn.Module):
-    """diffusers' Attention as Matcha's BasicTransformerBlock builds it (no q/k/v bias)."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
-
-    def _split(self, lin: nn.Linear, x: Tensor) -> Tensor:
-        return lin(x).view(x.shape[0], x.shape[1], self.heads, self.dim_head)
-
-    def _out(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """mask: booleans `[B, Tq, Tk]`, or an additive bias `[B, 1, Tq, Tk]` (the cached path's, made once)."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1) if mask.dtype == torch.bool
-                                             else mask)
-        return self.to_out[0](out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Reference: mask `[B, T, T]` of booleans (CosyVoice turns it into a -1e10 bias: the same softmax)."""
-        q, k, v = (self._split(lin, x).transpose(1, 2) for lin in (self.to_q, self.to_k, self.to_v))
-        return self._out(q, k, v, mask)
+class Attention(MatchaAttention):
+    """Matcha's (diffusers') attention, plus the cached path: a chunk's queries against the stream's K/V."""
 
     def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
-        q = self._split(self.to_q, x).transpose(1, 2)
-        k, v, _ = kv.extend(self._split(self.to_k, x), self._split(self.to_v, x))
-        return self._out(q, k.transpose(1, 2), v.transpose(1, 2), kv.step.bias(q.dtype))
+        b, w, _ = x.shape
+        q = self.to_q(x).view(b, w, self.heads, -1).transpose(1, 2)
+        k, v, _ = kv.extend(self.to_k(x).view(b, w, self.heads, -1), self.to_v(x).view(b, w, self.heads, -1))
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=kv.step.bias(q.dtype))
+        return self.to_out[0](out.transpose(1, 2).reshape(b, w, -1))
 
 
-class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, act_fn: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, act_fn)
+class BasicTransformerBlock(MatchaBlock):
+    """Matcha's transformer block (its forward takes a `[B, 1, T, T]` mask), plus the cached path."""
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x), mask) + x
-        return self.ff(self.norm3(x)) + x
+    attention = Attention
 
     def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
         x = self.attn1.stream(self.norm1(x), q_pos, kv) + x
@@ -478,6 +452,7 @@ class CausalConditionalDecoder(nn.Module):
         n = x.shape[2]
         keys = mask.bool().expand(-1, n, -1)  # [B, T, T]: padding
         attn = keys & chunk_mask(n, self.cfg.static_chunk_size, x.device)[None] if streaming else keys
+        attn = attn[:, None]  # one mask for every head
 
         def transformers(blocks, h):
             h = h.transpose(1, 2)

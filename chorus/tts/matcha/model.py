@@ -372,10 +372,12 @@ class Attention(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
+    attention = Attention  # a subclass may bring its own (CosyVoice's adds a cached path)
+
     def __init__(self, dim: int, heads: int, dim_head: int, act_fn: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head)
+        self.attn1 = self.attention(dim, heads, dim_head)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, act_fn)
 
