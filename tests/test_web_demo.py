@@ -292,8 +292,10 @@ def test_page_transcribes_the_microphone(server, browser, setup, tmp_path, monke
     # The microphone -> worklet -> WebSocket path delivered the clip whole (no gaps, no rate slip),
     received = np.frombuffer(b"".join(frames), "<i2").astype(np.float32) / 32768
     assert len(received) == state["bytesSent"] // 2
-    similarity = clip_similarity(resample(received, state["sampleRate"], setup.rate), setup.clip)
-    assert similarity >= 0.95, f"the clip arrived altered: normalised correlation {similarity:.3f}"
+    # (window by window: a loaded 2-core machine can make Chromium's fake microphone drop a buffer, which shifts
+    # everything after it and lowers a whole-clip correlation; a rate slip or a lost stretch fails many windows)
+    matched = windows_matching(resample(received, state["sampleRate"], setup.rate), setup.clip, setup.rate)
+    assert matched >= 0.9, f"the clip arrived altered: {matched:.0%} of its 0.5 s windows found within 100 ms"
     # and the page shows exactly what the model makes of that audio offline (the server's streaming law).
     sent = tmp_path / "received.wav"
     sf.write(sent, received, state["sampleRate"], subtype="PCM_16")
@@ -314,15 +316,29 @@ def word_recall(reference: str, text: str) -> float:
     return sum(w in heard for w in ref) / len(ref)
 
 
-def clip_similarity(received: np.ndarray, clip: np.ndarray) -> float:
-    """Normalised cross-correlation of `clip` with the best-matching stretch of `received` (1.0: identical)."""
+def windows_matching(received: np.ndarray, clip: np.ndarray, rate: int, window_s: float = 0.5,
+                     slack_s: float = 0.1, threshold: float = 0.95) -> float:
+    """The fraction of the clip's `window_s` windows (those with sound) found in `received` with a normalised
+    correlation >= `threshold`, within `slack_s` of where the whole clip lines up best."""
     assert len(received) >= len(clip), f"only {len(received)} samples received, the clip has {len(clip)}"
     received, clip = received.astype(np.float64), clip.astype(np.float64)
     size = 1 << (len(received) + len(clip)).bit_length()
     corr = np.fft.irfft(np.fft.rfft(received, size) * np.conj(np.fft.rfft(clip, size)), size)
-    corr = corr[:len(received) - len(clip) + 1]
-    lag = int(np.argmax(corr))
-    return float(corr[lag] / (np.linalg.norm(received[lag:lag + len(clip)]) * np.linalg.norm(clip) + 1e-12))
+    lag = int(np.argmax(corr[:len(received) - len(clip) + 1]))
+    win, slack = int(window_s * rate), int(slack_s * rate)
+    scores = []
+    for start in range(0, len(clip) - win + 1, win):
+        piece = clip[start:start + win]
+        if np.sqrt(np.mean(piece ** 2)) < 1e-3:
+            continue  # silence says nothing about alignment
+        lo = max(0, lag + start - slack)
+        region = received[lo:lag + start + win + slack]
+        best = max((float(region[k:k + win] @ piece) / (np.linalg.norm(region[k:k + win]) * np.linalg.norm(piece)
+                                                          + 1e-12) for k in range(0, len(region) - win + 1, 4)),
+                   default=0.0)
+        scores.append(best)
+    assert scores, "the clip has no sound"
+    return sum(s >= threshold for s in scores) / len(scores)
 
 
 def test_closing_the_page_returns_the_slot(server, browser):
