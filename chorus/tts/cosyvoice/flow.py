@@ -8,8 +8,8 @@ over the same weights:
   otherwise; espnet's `rel_shift`), used for CosyVoice's recompute schedule (`reference.py`), the non-streaming
   output and the exact final chunk;
 * the **cached path** (each module's `stream`): only a chunk's new positions, with the attention K/V of the
-  positions before it read from the paged cache and the causal convolutions' left context from the stream's slot
-  (`streaming.py` drives it).
+  positions before it read in place from the stream's slot (`kv.py`: contiguous per slot, no mask) and the causal
+  convolutions' left context from the stream's slot (`streaming.py` drives it).
 
 Everything is chunk-causal in streaming mode (the pre-lookahead convolution sees the next `pre_lookahead_len`
 tokens, which CosyVoice hands it as `context`), so a chunk's outputs depend only on what came before it and its
@@ -18,7 +18,7 @@ own lookahead: the cached path gives the reference path's streamed chunks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,17 @@ from ..matcha.model import Attention as MatchaAttention
 from ..matcha.model import BasicTransformerBlock as MatchaBlock
 from ..matcha.model import TimestepEmbedding, sinusoidal_embedding
 from .config import EncoderConfig, EstimatorConfig, FlowConfig
+from .kv import LayerKV, rel_shift_view, scale_of
 
 
-def chunk_mask(size: int, chunk: int, device=None) -> Tensor:
-    """CosyVoice's `subsequent_chunk_mask`: position i sees every position before the end of its chunk."""
+def chunk_mask(size: int, chunk: int, device=None, left: int | None = None) -> Tensor:
+    """CosyVoice's `subsequent_chunk_mask`: position i sees every position before the end of its chunk; with `left`
+    (wenet's `num_left_chunks`, which CosyVoice's own version ignores) none before chunk i // chunk - left."""
     pos = torch.arange(size, device=device)
-    return pos.unsqueeze(0) < ((pos // chunk + 1) * chunk).unsqueeze(1)
+    mask = pos.unsqueeze(0) < ((pos // chunk + 1) * chunk).unsqueeze(1)
+    if left is not None:
+        mask &= pos.unsqueeze(0) >= ((pos // chunk - left).clamp(min=0) * chunk).unsqueeze(1)
+    return mask
 
 
 def rel_pos_table(n: int, d: int) -> Tensor:
@@ -48,72 +53,6 @@ def rel_pos_table(n: int, d: int) -> Tensor:
     neg[:, 0::2] = torch.sin(-1 * position * div_term)
     neg[:, 1::2] = torch.cos(-1 * position * div_term)
     return torch.cat([torch.flip(pos, [0]), neg[1:]], dim=0)
-
-
-class StepKV:
-    """One chunk's access to a PagedKVCache for a batch: the rows `reserve`d for the new positions and the rows
-    and attention mask of every position so far, computed once and shared by every layer (and ODE step)."""
-
-    def __init__(self, cache, sids: Tensor, counts: Tensor, q_pos: Tensor, chunk: int | None):
-        self.cache, self.sids, self.counts = cache, sids, counts
-        self.new_rows = cache.reserve(sids, counts)
-        self.rows, valid = cache.gather_rows(sids, extra=counts)
-        self.mask = stream_mask(q_pos, valid, chunk)
-        self.q_pos = q_pos
-        self._rel: Tensor | None = None
-        self._bias: Tensor | None = None
-
-    def bias(self, dtype: torch.dtype) -> Tensor:
-        """The mask as an additive bias `[B, 1, W, n]` (0 or -inf), made once for every layer's attention."""
-        if self._bias is None or self._bias.dtype != dtype:
-            self._bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
-                ~self.mask, float("-inf")).unsqueeze(1)
-        return self._bias
-
-    def rel_span(self) -> tuple[int, int]:
-        """The relative positions i - j this batch's queries and keys span: (largest, smallest)."""
-        n = self.rows.shape[1]
-        return int(self.q_pos.max()), int(self.q_pos.min()) - (n - 1)
-
-    def rel_index(self) -> Tensor:
-        """For relative-position attention: the row of each (query, key) pair in the table of relative positions
-        `rel_span()[0]` down to `rel_span()[1]`, `[B, W, n]`."""
-        if self._rel is None:
-            n = self.rows.shape[1]
-            rel = self.q_pos[:, :, None] - torch.arange(n, device=self.q_pos.device)[None, None, :]  # i - j
-            self._rel = self.rel_span()[0] - rel
-        return self._rel
-
-    def commit(self) -> None:
-        self.cache.commit(self.sids, self.counts)
-
-    def layer(self, layer: int) -> "KVView":
-        return KVView(self, layer)
-
-
-@dataclass
-class KVView:
-    """One attention layer of a `StepKV`."""
-
-    step: StepKV
-    layer: int
-
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store the new K/V `[B, W, H, dh]`; every K/V of the streams so far and the attention mask `[B, W, T]`."""
-        st = self.step
-        st.cache.write(self.layer, st.new_rows, k, v)
-        k_all, v_all = st.cache.take(self.layer, st.rows)
-        return k_all, v_all, st.mask
-
-
-def stream_mask(q_pos: Tensor, valid: Tensor, chunk: int | None) -> Tensor:
-    """`[B, Tq, Tk]`: key j is seen by query at absolute position q_pos if it is stored and, with a chunk,
-    before the end of the query's chunk."""
-    k_pos = torch.arange(valid.shape[1], device=valid.device)
-    mask = valid[:, None, :].expand(-1, q_pos.shape[1], -1)
-    if chunk is not None:
-        mask = mask & (k_pos[None, None, :] < ((q_pos // chunk + 1) * chunk)[:, :, None])
-    return mask
 
 
 # -- the encoder ----------------------------------------------------------------------------------------------
@@ -188,15 +127,24 @@ class RelPositionAttention(nn.Module):
             self._pos_key, have = key, size
         return self._pos[have - 1 - top: have - bottom]  # row k of the table is relative position have-1-k
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
-        """New positions `[B, W, D]` at absolute positions `q_pos [B, W]`; earlier K/V come from the cache."""
+    def stream(self, x: Tensor, kv: LayerKV) -> Tensor:
+        """A chunk's new positions `[B, W, D]`; earlier K/V are read in place from the stream's slot.  Each piece
+        of new positions (one encoder chunk) attends, unmasked, to the keys it sees; its relative-position term
+        covers only the relative positions it spans (a strided view of the projected table's product)."""
+        b_, w, _ = x.shape
         q = self._heads(self.linear_q, x).transpose(1, 2)
-        k_all, v_all, mask = kv.extend(self._heads(self.linear_k, x), self._heads(self.linear_v, x))
-        k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        p = self._pos_proj(*kv.step.rel_span())  # only the relative positions these queries and keys span
-        bd = torch.einsum("bhqd,rhd->bhqr", q + self.pos_bias_v[None, :, None], p)
-        bd = torch.gather(bd, 3, kv.step.rel_index()[:, None].expand(-1, self.h, -1, -1))
-        return self._attend(q, k_all, v_all, bd, mask)
+        ks, vs = kv.write(self._heads(self.linear_k, x).transpose(1, 2), self._heads(self.linear_v, x).transpose(1, 2))
+        qu, qv = q + self.pos_bias_u[None, :, None], q + self.pos_bias_v[None, :, None]
+        scale = scale_of(self.d_k)
+        out = x.new_zeros(b_, w, self.h, self.d_k)
+        for b, pieces in enumerate(kv.step.pieces):
+            for c in pieces:
+                p = self._pos_proj(c.e - 1 - c.lo, c.a - c.e + 1)  # [R, H, dk], R = (e - a) + (e - lo) - 1
+                bd = rel_shift_view(torch.matmul(qv[b, :, c.qa:c.qe], p.permute(1, 2, 0)), c.e - c.lo)
+                k, v = ks[b][0, :, c.ra:c.re], vs[b][0, :, c.ra:c.re]
+                scores = torch.baddbmm(bd, qu[b, :, c.qa:c.qe], k.transpose(1, 2), beta=scale, alpha=scale)
+                out[b, c.qa:c.qe] = torch.bmm(scores.softmax(-1), v).transpose(0, 1)
+        return self.linear_out(out.reshape(b_, w, -1))
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -224,8 +172,8 @@ class ConformerLayer(nn.Module):
         x = x + self.self_attn(self.norm_mha(x), mask)
         return x + self.feed_forward(self.norm_ff(x))
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
-        x = x + self.self_attn.stream(self.norm_mha(x), q_pos, kv)
+    def stream(self, x: Tensor, kv: LayerKV) -> Tensor:
+        x = x + self.self_attn.stream(self.norm_mha(x), kv)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -296,21 +244,21 @@ class UpsampleConformerEncoder(nn.Module):
         self.up_encoders = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.num_up_blocks))
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, xs: Tensor, context: Tensor | None, streaming: bool) -> Tensor:
-        """Reference, one utterance `[1, T, D_in]` -> `[1, 2T, D]`."""
+    def forward(self, xs: Tensor, context: Tensor | None, streaming: bool, left_chunks: int | None = None) -> Tensor:
+        """Reference, one utterance `[1, T, D_in]` -> `[1, 2T, D]` (`left_chunks`: see `chunk_mask`)."""
         t = xs.shape[1]
         chunk = self.cfg.static_chunk_size
         full = lambda n: torch.ones(1, n, n, dtype=torch.bool, device=xs.device)  # noqa: E731
         xs = self.embed(xs)
         ctx = self.embed(context) if context is not None else None
-        mask = chunk_mask(t, chunk, xs.device)[None] if streaming else full(t)
+        mask = chunk_mask(t, chunk, xs.device, left_chunks)[None] if streaming else full(t)
         xs = self.pre_lookahead_layer(xs, ctx)
         for layer in self.encoders:
             xs = layer(xs, mask)
         xs = self.up_layer(xs.transpose(1, 2)).transpose(1, 2)
         t = xs.shape[1]
         xs = self.up_embed(xs)
-        mask = chunk_mask(t, chunk * self.up_layer.stride, xs.device)[None] if streaming else full(t)
+        mask = chunk_mask(t, chunk * self.up_layer.stride, xs.device, left_chunks)[None] if streaming else full(t)
         for layer in self.up_encoders:
             xs = layer(xs, mask)
         return self.after_norm(xs)
@@ -386,12 +334,10 @@ class CausalResnetBlock1D(nn.Module):
 class Attention(MatchaAttention):
     """Matcha's (diffusers') attention, plus the cached path: a chunk's queries against the stream's K/V."""
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
+    def stream(self, x: Tensor, kv: LayerKV) -> Tensor:
         b, w, _ = x.shape
-        q = self.to_q(x).view(b, w, self.heads, -1).transpose(1, 2)
-        k, v, _ = kv.extend(self.to_k(x).view(b, w, self.heads, -1), self.to_v(x).view(b, w, self.heads, -1))
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=kv.step.bias(q.dtype))
-        return self.to_out[0](out.transpose(1, 2).reshape(b, w, -1))
+        q, k, v = (lin(x).view(b, w, self.heads, -1).transpose(1, 2) for lin in (self.to_q, self.to_k, self.to_v))
+        return self.to_out[0](kv.attend(q, k, v).reshape(b, w, -1))
 
 
 class BasicTransformerBlock(MatchaBlock):
@@ -399,8 +345,8 @@ class BasicTransformerBlock(MatchaBlock):
 
     attention = Attention
 
-    def stream(self, x: Tensor, q_pos: Tensor, kv: KVView) -> Tensor:
-        x = self.attn1.stream(self.norm1(x), q_pos, kv) + x
+    def stream(self, x: Tensor, kv: LayerKV) -> Tensor:
+        x = self.attn1.stream(self.norm1(x), kv) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -445,13 +391,13 @@ class CausalConditionalDecoder(nn.Module):
         h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[2]), cond], dim=1)
         return h, t
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming: bool) -> Tensor:
+    def forward(self, x, mask, mu, t, spks, cond, streaming: bool, left_chunks: int | None = None) -> Tensor:
         """Reference (Matcha/CosyVoice's forward): x, mu, cond `[B, 80, T]`, mask `[B, 1, T]`, t `[B]`."""
         down_res, down_tf, down_conv, up_res, up_tf, up_conv = self._levels()
         h, t = self._inputs(x, mu, t, spks, cond)
         n = x.shape[2]
         keys = mask.bool().expand(-1, n, -1)  # [B, T, T]: padding
-        attn = keys & chunk_mask(n, self.cfg.static_chunk_size, x.device)[None] if streaming else keys
+        attn = keys & chunk_mask(n, self.cfg.static_chunk_size, x.device, left_chunks)[None] if streaming else keys
         attn = attn[:, None]  # one mask for every head
 
         def transformers(blocks, h):
@@ -471,15 +417,16 @@ class CausalConditionalDecoder(nn.Module):
         h = self.final_block(h, mask)
         return self.final_proj(h * mask) * mask
 
-    def stream(self, x, mu, t, spks, cond, q_pos: Tensor, kv: "EstimatorKV", st: ConvStates) -> Tensor:
-        """New frames only: x, mu, cond `[B, 80, W]` at absolute frames `q_pos [B, W]`."""
+    def stream(self, x, mu, t, spks, cond, kv: Iterator[LayerKV], st: ConvStates) -> Tensor:
+        """New frames only: x, mu, cond `[B, 80, W]`; `kv` hands out the attention layers' K/V in forward order
+        (the batch's entries stream-major, each stream's CFG halves side by side)."""
         down_res, down_tf, down_conv, up_res, up_tf, up_conv = self._levels()
         h, t = self._inputs(x, mu, t, spks, cond)
 
         def transformers(blocks, h):
             h = h.transpose(1, 2)
             for block in blocks:
-                h = block.stream(h, q_pos, kv.next())
+                h = block.stream(h, next(kv))
             return h.transpose(1, 2)
 
         h = transformers(down_tf, down_res.stream(h, t, st))
@@ -492,18 +439,6 @@ class CausalConditionalDecoder(nn.Module):
         h = up_conv.stream(h, st)
         h = self.final_block.stream(h, st)
         return self.final_proj(h)
-
-
-class EstimatorKV:
-    """Hands out the K/V views of one ODE step's attention layers in forward order."""
-
-    def __init__(self, step: StepKV, base_layer: int):
-        self.step, self.layer = step, base_layer
-
-    def next(self) -> KVView:
-        view = self.step.layer(self.layer)
-        self.layer += 1
-        return view
 
 
 # -- the flow -------------------------------------------------------------------------------------------------
@@ -561,10 +496,12 @@ class CosyVoiceFlow(nn.Module):
 
     @torch.inference_mode()
     def inference(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor,
-                  streaming: bool, finalize: bool) -> Tensor:
+                  streaming: bool, finalize: bool, left_chunks: int | None = None) -> Tensor:
         """CausalMaskedDiffWithXvec.inference for one utterance: token `[1, N]`, prompt_token `[1, P]`,
         prompt_feat `[1, F, 80]`, embedding `[1, 192]` -> mel `[1, 80, 2 (P + N) - F]` (minus the context's
-        frames when not finalizing: the last `pre_lookahead_len` tokens are then only lookahead)."""
+        frames when not finalizing: the last `pre_lookahead_len` tokens are then only lookahead).  `left_chunks`
+        (streaming only): each chunk sees only that many chunks before it in every attention layer (None: all of
+        them, CosyVoice 2's `num_decoding_left_chunks: -1`)."""
         spks = self.speaker(embedding)
         token = torch.cat([prompt_token, token], dim=1)
         x = self.input_embedding(token.clamp(min=0))
@@ -573,7 +510,7 @@ class CosyVoiceFlow(nn.Module):
         else:
             lookahead = self.cfg.pre_lookahead_len
             x, context = x[:, :-lookahead], x[:, -lookahead:]
-        h = self.encoder_proj(self.encoder(x, context, streaming))
+        h = self.encoder_proj(self.encoder(x, context, streaming, left_chunks))
         mel_len1, total = prompt_feat.shape[1], h.shape[1]
         if total > self.cfg.noise_frames:
             raise ValueError(f"{total} mel frames: CosyVoice's fixed noise covers {self.cfg.noise_frames}")
@@ -587,6 +524,6 @@ class CosyVoiceFlow(nn.Module):
         for t, dt in self.schedule:
             t_in = t.to(h).expand(2)
             v = est(torch.cat([x, x]), torch.cat([mask, mask]), torch.cat([mu, zeros]), t_in,
-                    torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, zeros]), streaming)
+                    torch.cat([spks, torch.zeros_like(spks)]), torch.cat([cond, zeros]), streaming, left_chunks)
             x = x + dt.to(h) * self.cfg_velocity(v)
         return x[:, :, mel_len1:].float()

@@ -4,8 +4,9 @@
 non-final chunk runs `flow.inference` over the prompt and every token so far plus the lookahead
 (streaming=True, finalize=False: chunk-causal masks) and keeps the mel from `token_offset`; the final call runs
 with streaming=False (full attention over everything).  `final="flat"` instead runs the final call with
-streaming=True, finalize=True (chunk-causal to the end), which is what the cached flat mode must equal.  Each
-chunk's cost grows with the utterance: this is the schedule chorus avoids, kept for tests and benches.
+streaming=True, finalize=True (chunk-causal to the end), which is what the cached flat mode must equal.  `left_chunks`
+runs every streaming call with that bounded left context (wenet's `num_left_chunks` masks; CosyVoice's own masks
+ignore it): what the cached streamer's bounded option must equal.  Each chunk's cost grows with the utterance: this is the schedule chorus avoids, kept for tests and benches.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .streaming import FINAL_EXACT, FINAL_FLAT, FINAL_MODES, HopSchedule
 
 @torch.inference_mode()
 def recompute_stream(flow: CosyVoiceFlow, tokens: list[int], embedding: Tensor, prompt_token=(),
-                     prompt_feat: Tensor | None = None, final: str = FINAL_EXACT) -> list[Tensor]:
+                     prompt_feat: Tensor | None = None, final: str = FINAL_EXACT,
+                     left_chunks: int | None = None) -> list[Tensor]:
     if final not in FINAL_MODES:
         raise ValueError(f"final must be one of {FINAL_MODES}")
     look = flow.cfg.pre_lookahead_len
@@ -32,10 +34,10 @@ def recompute_stream(flow: CosyVoiceFlow, tokens: list[int], embedding: Tensor, 
         offset = hops.offset
         _, end = hops.advance()
         mel = flow.inference(torch.tensor([list(tokens[:end + look])]), ptok, feat, emb, streaming=True,
-                             finalize=False)
+                             finalize=False, left_chunks=left_chunks)
         mels.append(mel[:, :, offset * ratio:])
     mel = flow.inference(torch.tensor([list(tokens)]), ptok, feat, emb, streaming=final == FINAL_FLAT,
-                         finalize=True)
+                         finalize=True, left_chunks=left_chunks)
     mels.append(mel[:, :, hops.offset * ratio:])
     return mels
 

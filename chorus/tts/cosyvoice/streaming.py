@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ...cache import PagedKVCache, SlotPool
+from ...cache import SlotPool
 from ...cache.spec import StateSpec, TensorSpec
-from .flow import CosyVoiceFlow, ConvStates, EstimatorKV, StepKV
+from .flow import CosyVoiceFlow, ConvStates
+from .kv import ChunkKV, SlotKV
 
 FINAL_EXACT = "exact"
 FINAL_FLAT = "flat"
@@ -88,19 +89,21 @@ class FlowChunk:
 
 
 class FlowState:
-    """One stream's handle on the streamer's state: its slot, page-table entries and positions."""
+    """One stream's handle on the streamer's state: its slot, its left context and its position."""
 
-    def __init__(self, slot: int, enc_sid: int, up_sid: int, est_sids: tuple[int, int], prompt_feat: Tensor):
-        self.slot, self.enc_sid, self.up_sid, self.est_sids = slot, enc_sid, up_sid, est_sids
+    def __init__(self, slot: int, prompt_feat: Tensor, left_chunks: int | None):
+        self.slot = slot
         self.prompt_feat = prompt_feat  # [F, 80]: the cond of the first F frames
+        self.left_chunks = left_chunks  # None: every earlier chunk (CosyVoice 2's); L: only the L chunks before
         self.tokens_done = 0             # tokens encoded, the prompt's included
         self.released = False
 
 
 class FlowStreamer:
-    """The flow's cached streaming runtime for up to `slots` streams of at most `max_frames` mel frames each."""
+    """The flow's cached streaming runtime for up to `slots` streams of at most `max_frames` mel frames each (a
+    stream with a bounded left context holds at most half of that, however long it runs)."""
 
-    def __init__(self, flow: CosyVoiceFlow, slots: int = 4, max_frames: int = 1500, page_frames: int = 50,
+    def __init__(self, flow: CosyVoiceFlow, slots: int = 4, max_frames: int = 1500,
                  device: str | torch.device = "cpu", name: str = "cosyvoice"):
         cfg = flow.cfg
         if max_frames > cfg.noise_frames:
@@ -117,69 +120,76 @@ class FlowStreamer:
         for i, c in enumerate(self.conv_channels):
             spec[f"conv{i}"] = TensorSpec((steps, 2, c, 2))
         self.pool = SlotPool(f"{name}-flow", StateSpec(**spec), slots=slots, device=self.device)
-        max_tokens = -(-max_frames // cfg.token_mel_ratio)
-        tok_page = enc.static_chunk_size
-        self.enc_kv = PagedKVCache(f"{name}-encoder", layers=enc.num_blocks, heads=enc.attention_heads,
-                                   head_dim=d // enc.attention_heads, page_size=tok_page,
-                                   pages=slots * -(-max_tokens // tok_page), max_streams=slots,
-                                   max_tokens_per_stream=max_tokens, device=self.device)
-        self.up_kv = PagedKVCache(f"{name}-up-encoder", layers=enc.num_up_blocks, heads=enc.attention_heads,
-                                  head_dim=d // enc.attention_heads, page_size=page_frames,
-                                  pages=slots * -(-max_frames // page_frames), max_streams=slots,
-                                  max_tokens_per_stream=max_frames, device=self.device)
+        tok_rows, frame_rows = self.rows(flow, max_frames)
+        heads = enc.attention_heads
+        self.enc_kv = SlotKV(f"{name}-encoder", layers=enc.num_blocks, slots=slots, pair=1, heads=heads,
+                             head_dim=d // heads, rows=tok_rows, device=self.device)
+        self.up_kv = SlotKV(f"{name}-up-encoder", layers=enc.num_up_blocks, slots=slots, pair=1, heads=heads,
+                            head_dim=d // heads, rows=frame_rows, device=self.device)
         ecfg = est.cfg
-        self.est_kv = PagedKVCache(f"{name}-estimator", layers=steps * self.attn_layers, heads=ecfg.num_heads,
-                                   head_dim=ecfg.attention_head_dim, page_size=page_frames,
-                                   pages=2 * slots * -(-max_frames // page_frames), max_streams=2 * slots,
-                                   max_tokens_per_stream=max_frames, device=self.device)
+        self.est_kv = SlotKV(f"{name}-estimator", layers=steps * self.attn_layers, slots=slots, pair=2,
+                             heads=ecfg.num_heads, head_dim=ecfg.attention_head_dim, rows=frame_rows,
+                             device=self.device)
+        self.max_keys: dict[str, int] = {}  # the most keys one query attended to in the last step, per stack
+
+    @staticmethod
+    def rows(flow: CosyVoiceFlow, max_frames: int) -> tuple[int, int]:
+        """K/V rows per slot: tokens and mel frames for `max_frames`, rounded up to whole chunks."""
+        enc = flow.cfg.encoder
+        tok, frame = enc.static_chunk_size, enc.static_chunk_size * flow.cfg.token_mel_ratio
+        tokens = -(-max_frames // flow.cfg.token_mel_ratio)
+        return -(-tokens // tok) * tok, -(-max_frames // frame) * frame
 
     @property
     def nbytes(self) -> int:
         return self.pool.nbytes + self.enc_kv.nbytes + self.up_kv.nbytes + self.est_kv.nbytes
 
     @staticmethod
-    def bytes_per_slot(flow: CosyVoiceFlow, max_frames: int, page_frames: int = 50) -> int:
-        """What one slot holds at most (fp32): dominated by the estimator's K/V, 10 steps x 2 (CFG) x 56 layers x
+    def bytes_per_slot(flow: CosyVoiceFlow, max_frames: int) -> int:
+        """What one slot holds (fp32): dominated by the estimator's K/V, 10 steps x 2 (CFG) x 56 layers x
         (K + V) per mel frame at CosyVoice 2's size (4.6 MB a frame, 230 MB a second)."""
         cfg, est = flow.cfg, flow.decoder.estimator
         enc, e = cfg.encoder, est.cfg
-        frames = -(-max_frames // page_frames) * page_frames
-        tokens = -(-(-(-max_frames // cfg.token_mel_ratio)) // enc.static_chunk_size) * enc.static_chunk_size
+        tokens, frames = FlowStreamer.rows(flow, max_frames)
         kv = 2 * 4 * (enc.num_blocks * tokens * enc.output_size + enc.num_up_blocks * frames * enc.output_size
                       + 2 * cfg.n_timesteps * est.attention_layers * frames * e.num_heads * e.attention_head_dim)
         convs = sum(cfg.n_timesteps * 2 * c * 2 for c in est.conv_channels())
         return kv + 4 * (cfg.output_size + 6 * enc.output_size + convs)
 
+    def max_left_chunks(self, prompt_len: int = 0) -> int:
+        """The largest bounded left context (in chunks of 25 tokens) a stream with this prompt can have here: the
+        chunks it sees and its widest chunk (the first: prompt + padding + 25 tokens, or 100, and the lookahead of
+        a final one) must fit in half the slot's rows; -1 when none fits."""
+        look = self.cfg.pre_lookahead_len
+        pad = -(-prompt_len // self.chunk) * self.chunk - prompt_len
+        widest = max(prompt_len + pad + TOKEN_HOP_LEN, TOKEN_MAX_HOP_LEN) + look - 1
+        ratio = self.cfg.token_mel_ratio
+        by_tokens = (self.enc_kv.ring() - widest) // self.chunk
+        by_frames = (self.up_kv.ring() - ratio * widest) // (ratio * self.chunk)
+        return max(-1, min(by_tokens, by_frames))
+
+    def max_stream_frames(self, state: FlowState) -> int:
+        """How many mel frames a stream may reach: the slot's rows, or CosyVoice's noise when its context is bounded."""
+        return self.max_frames if state.left_chunks is None else self.cfg.noise_frames
+
     # -- lifetime --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def open(self, embedding: Tensor, prompt_feat: Tensor | None = None) -> FlowState:
-        """embedding `[spk_embed_dim]` (CosyVoice's flow_embedding); prompt_feat `[F, 80]` or None."""
+    def open(self, embedding: Tensor, prompt_feat: Tensor | None = None, left_chunks: int | None = None) -> FlowState:
+        """embedding `[spk_embed_dim]` (CosyVoice's flow_embedding); prompt_feat `[F, 80]` or None; left_chunks:
+        None (every earlier chunk, CosyVoice 2's) or how many chunks before its own each chunk attends to."""
+        if left_chunks is not None and not 0 <= left_chunks:
+            raise ValueError(f"left_chunks must be None or >= 0, got {left_chunks}")
         slot = self.pool.acquire()
-        opened = []
-        try:
-            enc_sid = self.enc_kv.open(); opened.append((self.enc_kv, enc_sid))
-            up_sid = self.up_kv.open(); opened.append((self.up_kv, up_sid))
-            a = self.est_kv.open(); opened.append((self.est_kv, a))
-            b = self.est_kv.open(); opened.append((self.est_kv, b))
-        except Exception:
-            for cache, sid in opened:
-                cache.close(sid)
-            self.pool.release(slot)
-            raise
         spks = self.flow.speaker(embedding.reshape(1, -1).to(self.device, torch.float32))
         self.pool.write(self.pool.index([slot]), {"spks": spks})
         feat = torch.zeros(0, self.cfg.output_size) if prompt_feat is None else prompt_feat
-        return FlowState(slot, enc_sid, up_sid, (a, b), feat.to(self.device, torch.float32))
+        return FlowState(slot, feat.to(self.device, torch.float32), left_chunks)
 
     def release(self, state: FlowState) -> None:
         if state.released:
             return
         state.released = True
-        self.enc_kv.close(state.enc_sid)
-        self.up_kv.close(state.up_sid)
-        for sid in state.est_sids:
-            self.est_kv.close(sid)
         self.pool.release(state.slot)
 
     # -- the batched step ------------------------------------------------------------------------------------
@@ -191,85 +201,88 @@ class FlowStreamer:
         flow, cfg, dev = self.flow, self.cfg, self.device
         ratio, look = cfg.token_mel_ratio, cfg.pre_lookahead_len
         n_b = len(states)
-        counts = torch.tensor([len(c.tokens) for c in chunks], dtype=torch.long, device=dev)
         if n_b == 0:
             return []
-        if int(counts.min()) < 1:
+        counts_l = [len(c.tokens) for c in chunks]
+        t0_l = [s.tokens_done for s in states]
+        if min(counts_l) < 1:
             raise ValueError("a flow chunk needs at least one token")
-        t0 = torch.tensor([s.tokens_done for s in states], dtype=torch.long, device=dev)
-        ends = (t0 + counts) * ratio
-        if int(ends.max()) > self.max_frames:
-            raise ValueError(f"a stream would pass {self.max_frames} mel frames (this engine's limit per stream)")
-        width = int(counts.max())
-        tok = torch.zeros(n_b, width + look, dtype=torch.long, device=dev)
-        valid = torch.zeros(n_b, width + look, dtype=torch.bool, device=dev)
+        for s, t, n in zip(states, t0_l, counts_l):
+            if (t + n) * ratio > self.max_stream_frames(s):
+                raise ValueError(f"a stream would pass {self.max_stream_frames(s)} mel frames (this engine's limit "
+                                 f"per stream)")
+        width = max(counts_l)
+        tok = torch.zeros(n_b, width + look, dtype=torch.long)
+        valid = torch.zeros(n_b, width + look, dtype=torch.bool)
         for b, c in enumerate(chunks):
             seq = c.tokens + ([] if c.final else c.lookahead)
             if not c.final and len(c.lookahead) != look:
                 raise ValueError(f"a non-final chunk needs {look} lookahead tokens")
             tok[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             valid[b, :len(seq)] = True
-        idx = self.pool.index([s.slot for s in states])
+        tok, valid = tok.to(dev), valid.to(dev)
+        slots, lefts = [s.slot for s in states], [s.left_chunks for s in states]
+        f0_l, fcounts_l = [t * ratio for t in t0_l], [n * ratio for n in counts_l]
+        est = flow.decoder.estimator
+        # where every stack's new K/V go and what each chunk of new positions attends to (checked before any write)
+        enc_kv = ChunkKV(self.enc_kv, slots, t0_l, counts_l, self.chunk, lefts)
+        up_kv = ChunkKV(self.up_kv, slots, f0_l, fcounts_l, self.chunk * ratio, lefts)
+        est_kv = ChunkKV(self.est_kv, slots, f0_l, fcounts_l, est.cfg.static_chunk_size, lefts)
+        self.max_keys = {"encoder": enc_kv.max_keys, "up-encoder": up_kv.max_keys, "estimator": est_kv.max_keys}
+        counts = torch.tensor(counts_l, dtype=torch.long, device=dev)
+        idx = self.pool.index(slots)
         state = self.pool.read(idx)
         enc = flow.encoder
 
         # encoder over the new tokens (the lookahead only feeds the pre-lookahead convolution)
         x = enc.embed(flow.input_embedding(tok.clamp(min=0))) * valid[..., None]
         h, state["look_tail"] = enc.pre_lookahead_layer.stream(x, counts, state["look_tail"])
-        pos = t0[:, None] + torch.arange(width, device=dev)
-        kv = StepKV(self.enc_kv, torch.tensor([s.enc_sid for s in states], device=dev), counts, pos, self.chunk)
         for i, layer in enumerate(enc.encoders):
-            h = layer.stream(h, pos, kv.layer(i))
-        kv.commit()
-
+            h = layer.stream(h, enc_kv.layer(i))
         u, state["up_tail"] = enc.up_layer.stream(h, counts, state["up_tail"])
         u = enc.up_embed(u)
-        fcounts, f0 = counts * ratio, t0 * ratio
-        fpos = f0[:, None] + torch.arange(width * ratio, device=dev)
-        kv = StepKV(self.up_kv, torch.tensor([s.up_sid for s in states], device=dev), fcounts, fpos,
-                    self.chunk * ratio)
         for i, layer in enumerate(enc.up_encoders):
-            u = layer.stream(u, fpos, kv.layer(i))
-        kv.commit()
+            u = layer.stream(u, up_kv.layer(i))
         mu = flow.encoder_proj(enc.after_norm(u)).transpose(1, 2)  # [B, 80, W']
 
-        # the ODE over the new frames, the CFG pair as one batch of 2B
+        # the ODE over the new frames, the CFG pair as one batch of 2B, each stream's halves side by side
         frames = width * ratio
         cond = torch.zeros_like(mu)
         noise = torch.zeros_like(mu)
         for b, s in enumerate(states):
-            start = int(f0[b])
-            have = min(frames, cfg.noise_frames - start)
+            start = f0_l[b]
+            have = max(0, min(frames, cfg.noise_frames - start))
             noise[b, :, :have] = flow.rand_noise[0, :, start:start + have]
             p = s.prompt_feat
             if start < p.shape[0]:
                 n = min(p.shape[0] - start, frames)
                 cond[b, :, :n] = p[start:start + n].T
-        est = flow.decoder.estimator
-        sids2 = torch.tensor([s.est_sids[0] for s in states] + [s.est_sids[1] for s in states], device=dev)
-        counts2 = torch.cat([fcounts, fcounts])
-        pos2 = torch.cat([fpos, fpos])
-        est_kv = StepKV(self.est_kv, sids2, counts2, pos2, est.cfg.static_chunk_size)
+
+        def pair(a: Tensor, b: Tensor) -> Tensor:
+            return torch.stack([a, b], dim=1).flatten(0, 1)
+
         zeros = torch.zeros_like(mu)
-        mu2, cond2 = torch.cat([mu, zeros]), torch.cat([cond, zeros])
-        spks2 = torch.cat([state["spks"], torch.zeros_like(state["spks"])])
+        mu2, cond2 = pair(mu, zeros), pair(cond, zeros)
+        spks2 = pair(state["spks"], torch.zeros_like(state["spks"]))
+        counts2 = (counts * ratio).repeat_interleave(2)
+        r = cfg.inference_cfg_rate
         xt = noise
-        convs = [state[f"conv{i}"] for i in range(len(self.conv_channels))]
+        convs = [state[f"conv{i}"] for i in range(len(self.conv_channels))]  # [B, steps, 2, C, 2]
         for k, (t, dt) in enumerate(flow.schedule):
-            st = ConvStates([torch.cat([c[:, k, 0], c[:, k, 1]]) for c in convs], counts2)
-            kv = EstimatorKV(est_kv, k * self.attn_layers)
-            v = est.stream(torch.cat([xt, xt]), mu2, t.to(mu).expand(2 * n_b), spks2, cond2, pos2, kv, st)
+            st = ConvStates([c[:, k].reshape(2 * n_b, *c.shape[3:]) for c in convs], counts2)
+            layers = (est_kv.layer(k * self.attn_layers + j) for j in range(self.attn_layers))
+            v = est.stream(xt.repeat_interleave(2, dim=0), mu2, t.to(mu).expand(2 * n_b), spks2, cond2, layers, st)
             for c, new in zip(convs, st.states):
-                c[:, k, 0], c[:, k, 1] = new[:n_b], new[n_b:]
-            xt = xt + dt.to(mu) * flow.cfg_velocity(v)
-        est_kv.commit()
+                c[:, k] = new.view(n_b, 2, *new.shape[1:])
+            v = v.view(n_b, 2, *v.shape[1:])
+            xt = xt + dt.to(mu) * ((1.0 + r) * v[:, 0] - r * v[:, 1])  # CosyVoice's CFG: cond and uncond halves
         self.pool.write(idx, state)
 
         out = []
         for b, s in enumerate(states):
-            start = max(0, s.prompt_feat.shape[0] - int(f0[b]))
-            out.append(xt[b:b + 1, :, start:int(fcounts[b])].float())
-            s.tokens_done += len(chunks[b].tokens)
+            start = max(0, s.prompt_feat.shape[0] - f0_l[b])
+            out.append(xt[b:b + 1, :, start:fcounts_l[b]].float())
+            s.tokens_done += counts_l[b]
         return out
 
 
@@ -308,12 +321,13 @@ def exact_final(flow: CosyVoiceFlow, tokens: list[int], offset: int, embedding: 
 
 
 def stream_utterance(streamer: FlowStreamer, tokens: list[int], embedding: Tensor, prompt_token=(),
-                     prompt_feat: Tensor | None = None, final: str = FINAL_EXACT) -> list[Tensor]:
+                     prompt_feat: Tensor | None = None, final: str = FINAL_EXACT,
+                     left_chunks: int | None = None) -> list[Tensor]:
     """One utterance through the cached streamer on CosyVoice's hop schedule; the mel chunks in order."""
     if final not in FINAL_MODES:
         raise ValueError(f"final must be one of {FINAL_MODES}")
     plan = plan_utterance(list(tokens), list(prompt_token), streamer.cfg.pre_lookahead_len)
-    state = streamer.open(embedding, prompt_feat)
+    state = streamer.open(embedding, prompt_feat, left_chunks)
     try:
         mels = [streamer.step([state], [c])[0] for c in plan.chunks[:-1]]
         if final == FINAL_FLAT:
