@@ -55,17 +55,17 @@ def inputs(seed: int, n: int, prompt: int):
     return tokens, opts
 
 
-def cosyvoice_audio(voice, tokens, opts, seed, final="exact") -> np.ndarray:
+def cosyvoice_audio(voice, tokens, opts, seed, final="exact", left_chunks=None) -> np.ndarray:
     """CosyVoice2Model.tts(stream=True)'s schedule: each chunk's flow recomputed from the start, then HiFT."""
     ptok = opts.get("prompt_tokens", [])
     feat = torch.tensor(opts["prompt_mel"]) if ptok else None
-    mels = recompute_stream(voice.flow, tokens, torch.tensor(opts["embedding"]), ptok, feat, final)
+    mels = recompute_stream(voice.flow, tokens, torch.tensor(opts["embedding"]), ptok, feat, final, left_chunks)
     hift = HiftStreamer(voice.hift, generator=torch.Generator().manual_seed(seed))
     return np.concatenate([hift.push(m, finalize=k == len(mels) - 1)[0].numpy() for k, m in enumerate(mels)])
 
 
-def stream_alone(voice, tokens, opts, seed, pieces=(), final="exact"):
-    engine = voice.make_engine(slots=1, max_seconds=10)
+def stream_alone(voice, tokens, opts, seed, pieces=(), final="exact", max_seconds=10):
+    engine = voice.make_engine(slots=1, max_seconds=max_seconds)
     s = engine.open(SpeechRequest(seed=seed, options={**opts, "final": final}))
     cuts = [0, *pieces, len(tokens)]
     chunks = []
@@ -134,6 +134,47 @@ def test_streams_batched_equal_each_alone(voice):
     for k in range(3):
         got = np.concatenate(out[k])
         assert got.shape == alone[k].shape and np.abs(got - alone[k]).max() < AUDIO_TOL
+
+
+def test_left_chunks_option(voice):
+    """left_chunks=L: each chunk attends to the L chunks before it (wenet's masks, CosyVoice's schedule otherwise);
+    an L that covers the whole utterance gives the default's audio exactly; a bounded stream with a flat final may
+    run past the engine's max_seconds; values the engine cannot hold are refused."""
+    assert voice.describe()["options"]["left_chunks"]["default"] == -1
+    tokens, opts = inputs(9, 200, 7)
+    want = cosyvoice_audio(voice, tokens, opts, seed=3, final="flat", left_chunks=1)
+    bounded = stream_alone(voice, tokens, {**opts, "left_chunks": 1}, seed=3, final="flat", max_seconds=12)
+    got = np.concatenate([c.audio for c in bounded])
+    assert got.shape == want.shape and np.abs(got - want).max() < AUDIO_TOL
+    default = np.concatenate([c.audio for c in stream_alone(voice, tokens, opts, seed=3, final="flat", max_seconds=30)])
+    assert np.abs(got - default).max() > 1e-3
+    engine = voice.make_engine(slots=1, max_seconds=30)
+    most = engine.streamer.max_left_chunks(7)
+    assert most * 25 > len(tokens) + 7
+    for final in ("flat", "exact"):
+        a = stream_alone(voice, tokens, {**opts, "left_chunks": most}, seed=3, final=final, max_seconds=30)
+        b = stream_alone(voice, tokens, {**opts, "left_chunks": -1}, seed=3, final=final, max_seconds=30)
+        assert all(np.array_equal(x.audio, y.audio) for x, y in zip(a, b)) and len(a) == len(b)
+
+    engine = voice.make_engine(slots=1, max_seconds=10)  # 500 frames: a ring of 125 tokens, room for L = 0
+    for bad, match in [(-2, "-1 .* or a whole number"), (True, "whole number"), (1.5, "whole number"),
+                       (1, "at most 0 with this engine")]:
+        with pytest.raises(UnsupportedOption, match=match):
+            engine.open(SpeechRequest(options={**opts, "left_chunks": bad}))
+    s = engine.open(SpeechRequest(options={**opts, "left_chunks": 0, "final": "flat"}))
+    assert s.settings["options"]["left_chunks"] == 0
+    s.push_tokens(list(range(100)) * 4)  # 16 s: past the engine's 10 s, held in a bounded ring
+    n = 0
+    while s.ready():
+        n += len(engine.step([s])[0].audio)
+    assert n > 12 * 24000
+    s.close()
+    full = engine.open(SpeechRequest(options=opts))
+    assert full.settings["options"]["left_chunks"] == -1
+    with pytest.raises(BadTokens, match="more than 243 tokens"):
+        full.push_tokens(list(range(100)) * 4)
+    full.close()
+    assert engine.pool.used == 0
 
 
 def test_utterances_one_after_another_on_a_stream(voice):

@@ -172,3 +172,70 @@ def test_limits_and_bad_chunks(flow):
     assert streamer.pool.used == 0
     with pytest.raises(ValueError, match="max_frames"):
         FlowStreamer(flow, slots=1, max_frames=20000)
+
+
+# -- a bounded left context (left_chunks): wenet's num_left_chunks masks, flat cost, bounded state ------------------
+
+@pytest.mark.parametrize("left", [0, 1, 3])
+def test_bounded_left_context_equals_its_masked_recompute(flow, left):
+    """Each chunk sees only `left` chunks before it in every attention stack; the slot is just large enough for that
+    context and a 100-token chunk, so the K/V wrap around their ring (more than once for small L); the chunks equal
+    the recompute schedule with wenet's left-chunk masks."""
+    tokens, emb, ptok, feat = utterance(1, 260, 7)
+    ref = recompute_stream(flow, tokens, emb, ptok, feat, FINAL_FLAT, left_chunks=left)
+    streamer = FlowStreamer(flow, slots=1, max_frames=4 * (25 * left + 102) + 8)
+    assert streamer.max_left_chunks(len(ptok)) == left
+    assert len(tokens) + len(ptok) > streamer.enc_kv.ring() and 2 * (len(tokens) + len(ptok)) > streamer.est_kv.ring()
+    keys = []
+    state = streamer.open(emb, feat, left)
+    got = []
+    for c in plan_utterance(tokens, ptok, flow.cfg.pre_lookahead_len).chunks:
+        got += streamer.step([state], [c])
+        keys.append(dict(streamer.max_keys))
+    streamer.release(state)
+    assert max_diff(ref, got) < TOL
+    assert all(k["encoder"] <= (left + 1) * 25 and k["up-encoder"] <= k["estimator"] <= (left + 1) * 50 for k in keys)
+    full = recompute_stream(flow, tokens, emb, ptok, feat, FINAL_FLAT)
+    assert float((full[-1] - got[-1]).abs().max()) > 1e-3  # it is not CosyVoice 2's full left context
+
+
+def test_left_context_covering_the_utterance_equals_the_default_exactly(flow):
+    tokens, emb, ptok, feat = utterance(1, 260, 7)
+    streamer = FlowStreamer(flow, slots=1, max_frames=1600)
+    left = streamer.max_left_chunks(len(ptok))
+    assert left * 25 >= len(tokens) + len(ptok)  # every chunk still sees every earlier one
+    for final in (FINAL_FLAT, FINAL_EXACT):
+        assert max_diff(stream_utterance(streamer, tokens, emb, ptok, feat, final),
+                        stream_utterance(streamer, tokens, emb, ptok, feat, final, left_chunks=left)) == 0.0
+
+
+def test_bounded_and_full_streams_batched_equal_each_alone(flow):
+    utts = [(utterance(20, 230, 7), 1), (utterance(21, 160, 0), None), (utterance(22, 200, 3), 0)]
+    alone = [stream_utterance(FlowStreamer(flow, slots=1, max_frames=480), t, e, p, f, FINAL_FLAT, left_chunks=left)
+             for (t, e, p, f), left in utts]
+    streamer = FlowStreamer(flow, slots=3, max_frames=480)
+    plans = [plan_utterance(t, p, flow.cfg.pre_lookahead_len).chunks for (t, _, p, _), _ in utts]
+    states = [streamer.open(e, f, left) for (_, e, _, f), left in utts]
+    done = [[] for _ in utts]
+    while any(len(d) < len(p) for d, p in zip(done, plans)):
+        active = [i for i in range(3) if len(done[i]) < len(plans[i])]
+        for i, mel in zip(active, streamer.step([states[i] for i in active], [plans[i][len(done[i])] for i in active])):
+            done[i].append(mel)
+    for s in states:
+        streamer.release(s)
+    for i in range(3):
+        assert max_diff(alone[i], done[i]) < TOL
+
+
+def test_bounded_context_limits(flow):
+    streamer = FlowStreamer(flow, slots=1, max_frames=400)  # 200 token rows: a ring of 100
+    most = streamer.max_left_chunks(0)
+    assert most == -1  # the widest chunk (100 tokens + lookahead) does not fit in a ring of 100 rows
+    big = FlowStreamer(flow, slots=1, max_frames=600)
+    assert big.max_left_chunks(0) == (150 - 102) // 25 == 1 and big.max_left_chunks(90) == 0  # 90 + 10 + 25 tokens
+    tokens, emb, _, _ = utterance(5, 300, 0)
+    with pytest.raises(ValueError, match="bounded stream holds"):
+        stream_utterance(streamer, tokens, emb, (), None, FINAL_FLAT, left_chunks=1)
+    with pytest.raises(ValueError, match="left_chunks"):
+        streamer.open(emb, None, -1)
+    assert streamer.pool.used == 0

@@ -4,8 +4,11 @@ A voice is a CosyVoice 2 model directory (`cosyvoice2.yaml`, `flow.pt`, `hift.pt
 too and are not read).  A stream takes speech tokens (`push_tokens`, as an LLM emits them) instead of text; its
 `SpeechRequest.options` carry the speaker embedding (`embedding`: CosyVoice's flow_embedding, spk_embed_dim
 floats, required), an optional prompt (`prompt_tokens` and `prompt_mel`, [2 x len(prompt_tokens)] rows of 80
-floats: CosyVoice's flow_prompt_speech_token and prompt_speech_feat) and the final-chunk mode (`final`: `exact`,
-the default, or `flat`).  `flush` ends an utterance (tokens after it start the next one, with the same speaker
+floats: CosyVoice's flow_prompt_speech_token and prompt_speech_feat), the final-chunk mode (`final`: `exact`,
+the default, or `flat`) and the left context (`left_chunks`: -1, the default, attends to every earlier chunk as
+CosyVoice 2 does; L >= 0 to only the L chunks of 25 tokens before each chunk, which makes a chunk's cost and a
+stream's state bounded, and with `final: flat` its utterances limited only by CosyVoice's 300 s of noise, not by the
+engine's `max_seconds`; the model was not trained that way, so its mel is not CosyVoice's).  `flush` ends an utterance (tokens after it start the next one, with the same speaker
 and prompt); `finish` ends the stream.
 
 Each utterance goes out on CosyVoice's hop schedule (`HopSchedule`, per stream), its mel computed by the cached
@@ -38,7 +41,8 @@ DEFAULT_FINAL = FINAL_EXACT
 DEFAULT_MAX_SECONDS = 30.0   # per utterance, prompt included: sizes the paged K/V of each slot
 DEFAULT_MEMORY_BUDGET = 16 << 30  # state of all slots; CosyVoice 2's full size holds 6.9 GB a slot at 30 s
 MEL_FRAME_RATE = 50          # CosyVoice 2's mel: 24 kHz, hop 480
-OPTIONS = ("embedding", "prompt_tokens", "prompt_mel", "final")
+OPTIONS = ("embedding", "prompt_tokens", "prompt_mel", "final", "left_chunks")
+FULL_LEFT = -1               # left_chunks: every earlier chunk (CosyVoice 2's num_decoding_left_chunks: -1)
 
 
 class CosyVoice2Voice(Voice):
@@ -59,7 +63,10 @@ class CosyVoice2Voice(Voice):
                 "options": {"embedding": {"floats": self.cfg.spk_embed_dim, "required": True},
                             "prompt_tokens": {"max": self.cfg.vocab_size - 1, "default": []},
                             "prompt_mel": {"rows": "2 x len(prompt_tokens)", "columns": self.cfg.output_size},
-                            "final": {"values": list(FINAL_MODES), "default": DEFAULT_FINAL}}}
+                            "final": {"values": list(FINAL_MODES), "default": DEFAULT_FINAL},
+                            "left_chunks": {"default": FULL_LEFT, "min": FULL_LEFT, "chunk_tokens": self.cfg.encoder.static_chunk_size,
+                                            "note": "-1: every earlier chunk (CosyVoice 2's); L: only L chunks before each "
+                                                    "(bounded cost and state, not CosyVoice's output)"}}}
 
     def make_engine(self, *, slots: int | None = None, memory_budget: int | None = None,
                     name: str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS) -> "CosyVoiceEngine":
@@ -107,7 +114,11 @@ class CosyVoice2Voice(Voice):
         final = opts.get("final", DEFAULT_FINAL)
         if final not in FINAL_MODES:
             raise UnsupportedOption(f"options.final must be one of {', '.join(FINAL_MODES)}")
+        left = opts.get("left_chunks", FULL_LEFT)
+        if isinstance(left, bool) or not isinstance(left, int) or left < FULL_LEFT:
+            raise UnsupportedOption("options.left_chunks must be -1 (every earlier chunk) or a whole number >= 0")
         return {"embedding": emb, "prompt_tokens": list(ptok), "prompt_feat": feat, "final": final,
+                "left_chunks": None if left == FULL_LEFT else left,
                 "seed": secrets.randbits(63) if seed is None else seed}
 
     def synthesize(self, text: str, request: SpeechRequest = SpeechRequest()) -> list[np.ndarray]:
@@ -139,9 +150,14 @@ class CosyVoiceStream(TtsStream):
         self.opts = settings
         self.mode = settings["final"]
         self.group_key = engine  # every stream of the engine shares the flow step
+        left = settings["left_chunks"]
         self.settings = {"input": "speech_tokens", "seed": settings["seed"],
-                         "options": {"final": self.mode, "prompt_tokens": len(settings["prompt_tokens"])}}
-        self.max_tokens = engine.max_frames // self.voice.cfg.token_mel_ratio - len(settings["prompt_tokens"])
+                         "options": {"final": self.mode, "prompt_tokens": len(settings["prompt_tokens"]),
+                                     "left_chunks": FULL_LEFT if left is None else left}}
+        # a bounded stream's state is bounded too, but an exact final is a whole full-attention pass: max_seconds
+        bounded = left is not None and self.mode == FINAL_FLAT
+        frames = self.voice.cfg.noise_frames if bounded else engine.max_frames
+        self.max_tokens = frames // self.voice.cfg.token_mel_ratio - len(settings["prompt_tokens"])
         self.generator = torch.Generator().manual_seed(settings["seed"])
         self.flow = None                       # FlowState of the utterance in progress (opened by the engine)
         self.tokens: list[int] = []            # the utterance in progress
@@ -169,8 +185,9 @@ class CosyVoiceStream(TtsStream):
                 raise BadTokens(f"speech token {t!r} is outside the vocabulary 0..{vocab - 1}")
         target = self._next if self.ended else self.tokens
         if len(target) + len(tokens) > self.max_tokens:
-            raise BadTokens(f"an utterance of more than {self.max_tokens} tokens (this voice's engine holds "
-                            f"{self.engine.max_frames / MEL_FRAME_RATE:g} s per utterance, prompt included)")
+            held = (self.max_tokens + len(self.opts["prompt_tokens"])) * self.voice.cfg.token_mel_ratio
+            raise BadTokens(f"an utterance of more than {self.max_tokens} tokens (this stream holds "
+                            f"{held / MEL_FRAME_RATE:g} s per utterance, prompt included)")
         target.extend(tokens)
         self.chars_in += len(tokens)
 
@@ -270,8 +287,13 @@ class CosyVoiceEngine(TtsEngine):
 
     def open(self, request: SpeechRequest) -> CosyVoiceStream:
         settings = self.voice.check(request)
+        left = settings["left_chunks"]
+        most = self.streamer.max_left_chunks(len(settings["prompt_tokens"]))
+        if left is not None and left > most:
+            raise UnsupportedOption(f"options.left_chunks: at most {most} with this engine ({self.max_frames / MEL_FRAME_RATE:g} s "
+                                    f"per slot) and a prompt of {len(settings['prompt_tokens'])} tokens; -1 for all")
         stream = CosyVoiceStream(self, request, settings)
-        stream.flow = self.streamer.open(settings["embedding"], settings["prompt_feat"])
+        stream.flow = self.streamer.open(settings["embedding"], settings["prompt_feat"], left)
         return stream
 
     def release(self, stream: CosyVoiceStream) -> None:
@@ -283,7 +305,8 @@ class CosyVoiceEngine(TtsEngine):
         """A fresh flow state for the stream's next utterance (the same slot comes back: one thread steps)."""
         if stream.flow is not None and not stream.closed:
             self.streamer.release(stream.flow)
-            stream.flow = self.streamer.open(stream.opts["embedding"], stream.opts["prompt_feat"])
+            stream.flow = self.streamer.open(stream.opts["embedding"], stream.opts["prompt_feat"],
+                                             stream.opts["left_chunks"])
 
     def step(self, streams: list[CosyVoiceStream]) -> list[AudioChunk]:
         work = [s.next_chunk() for s in streams]
