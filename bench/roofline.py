@@ -136,15 +136,22 @@ def main() -> int:
         nemo_path = os.path.join(tmp, "real_size.nemo")
         if args.nemo_python:
             save_fastconformer(nemo_path, model, cs.synthetic_tokenizer(1024, args.seed))
-        for dtype in dtypes:
-            m = apply_dtype(copy.deepcopy(model), dtype)
-            eng = ConformerStreamer(m, slots=max(streams))
-            setting = eng.setting(CONTEXT)
-            chunk_s = setting.chunk_ms / 1000
+        models = {dtype: apply_dtype(copy.deepcopy(model), dtype) for dtype in dtypes}
+        engines = {dtype: ConformerStreamer(m, slots=max(streams)) for dtype, m in models.items()}
+        for dtype, eng in engines.items():
             slot_mib = eng.spec.bytes_per_slot / 2**20
             report["chorus"][dtype] = {"slot_mib": slot_mib}
-            print(f"\n[chorus {dtype}] {slot_mib:.3f} MiB per slot", flush=True)
-            for n in streams:
+            print(f"[chorus {dtype}] {slot_mib:.3f} MiB per slot", flush=True)
+        # Per stream count: NeMo's passes, then chorus' in each dtype, so that the ratios of one row compare
+        # passes run minutes apart under the same load of a shared machine, not a whole bench apart.
+        for n in streams:
+            if args.nemo_python:
+                nemo = run_nemo(args, nemo_path, wav, n, modes)
+                report.setdefault("nemo", {"results": {}})["results"][str(n)] = nemo["results"][str(n)]
+            for dtype, eng in engines.items():
+                m = models[dtype]
+                setting = eng.setting(CONTEXT)
+                chunk_s = setting.chunk_ms / 1000
                 work = cs.sync_workload(m, setting, cs.sync_audio(audio32, n, args.seconds, args.offset_step))
                 for mode in modes:
                     cs.run_pass(eng, setting, work, mode, True, cs.nullcontext())  # warm-up pass
@@ -155,22 +162,8 @@ def main() -> int:
                     s["foreign_tries"] = tries
                     s["token_ids"] = passes[0].tokens
                     report["chorus"][dtype].setdefault(str(n), {})[mode] = s
-                    print(f"  {n:3d} streams {mode:7s} {s['wall']:7.2f} s  {s['throughput']:6.2f} audio-s/s  "
-                          f"foreign CPU per try {tries}", flush=True)
-            del eng, m
-        if args.nemo_python:
-            cmd = [args.nemo_python, str(HERE / "nemo_reference.py"), "bench-stream", nemo_path,
-                   "--audio", wav, "--streams", ",".join(map(str, streams)), "--seconds", str(args.seconds),
-                   "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
-                   "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes",
-                   ",".join(modes), "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
-            print("\n$ " + " ".join(cmd), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
-                raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
-            report["nemo"] = json.loads(line[len("BENCH_JSON "):])
+                    print(f"  chorus {dtype} {n:3d} streams {mode:7s} {s['wall']:7.2f} s  "
+                          f"{s['throughput']:6.2f} audio-s/s  foreign CPU per try {tries}", flush=True)
 
     print_table(report, streams, dtypes, modes)
     if args.json:
@@ -181,6 +174,27 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
     return 0
+
+
+def run_nemo(args, nemo_path: str, wav: str, n: int, modes: list[str]) -> dict:
+    """NeMo's own conformer_stream_step on the same .nemo and workload, in its venv, for n streams."""
+    cmd = [args.nemo_python, str(HERE / "nemo_reference.py"), "bench-stream", nemo_path,
+           "--audio", wav, "--streams", str(n), "--seconds", str(args.seconds),
+           "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
+           "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes",
+           ",".join(modes), "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+        raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
+    result = json.loads(line[len("BENCH_JSON "):])
+    for mode in modes:
+        r = result["results"][str(n)][mode]
+        print(f"  NeMo fp32 {n:3d} streams {mode:7s} {r['wall']:7.2f} s  "
+              f"{r['audio_seconds'] / r['wall']:6.2f} audio-s/s", flush=True)
+    return result
 
 
 def print_table(report, streams, dtypes, modes) -> None:
