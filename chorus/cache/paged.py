@@ -20,8 +20,7 @@ class PagedKVCache:
                  pages: int | None = None, memory_budget: int | None = None, max_streams: int = 64,
                  max_tokens_per_stream: int = 4096, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
-        elem = torch.empty((), dtype=dtype).element_size()
-        bytes_per_page = 2 * layers * page_size * heads * head_dim * elem
+        bytes_per_page = self.page_bytes(layers, page_size, heads, head_dim, dtype)
         if pages is None:
             if memory_budget is None:
                 raise ValueError("give either pages or memory_budget")
@@ -34,9 +33,7 @@ class PagedKVCache:
         self.bytes_per_page = bytes_per_page
         self.device = torch.device(device)
         self.max_pages_per_stream = -(-max_tokens_per_stream // page_size)
-        rows = self.num_pages * page_size
-        self.k = torch.zeros(layers, rows, heads, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.zeros_like(self.k)
+        self._allocate(layers, self.num_pages * page_size, heads, head_dim, dtype)
         self.page_table = torch.full((max_streams, self.max_pages_per_stream), -1, dtype=torch.long,
                                      device=self.device)
         self.lengths = torch.zeros(max_streams, dtype=torch.long, device=self.device)
@@ -45,6 +42,15 @@ class PagedKVCache:
         self._free_streams = list(range(max_streams - 1, -1, -1))
         self._lock = threading.Lock()
         _register(self)
+
+    @staticmethod
+    def page_bytes(layers: int, page_size: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """What one page costs (K and V of every layer); a subclass storing more says so here."""
+        return 2 * layers * page_size * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def _allocate(self, layers: int, rows: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(layers, rows, heads, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.zeros_like(self.k)
 
     # -- occupancy -------------------------------------------------------------------------
     @property
@@ -65,7 +71,7 @@ class PagedKVCache:
         return self.streams_open
 
     def __repr__(self) -> str:
-        return (f"PagedKVCache({self.name!r}, streams={self.streams_open}, "
+        return (f"{type(self).__name__}({self.name!r}, streams={self.streams_open}, "
                 f"pages={self.pages_used}/{self.num_pages}, {self.nbytes / 2**20:.1f} MiB)")
 
     # -- lifetime --------------------------------------------------------------------------
