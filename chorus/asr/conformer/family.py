@@ -21,7 +21,7 @@ from ..ngram import NgramLM
 from .beam import BeamConfig, Hyp, Label, RnntBeamSearch
 from .checkpoint import LoadedModel, load_fastconformer
 from .precision import DTYPES, apply_dtype
-from .streaming import ConformerStreamer, StepResult, StreamSetting
+from .streaming import KV_DTYPES, ConformerStreamer, StepResult, StreamSetting, apply_kv_dtype
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "models"
 BUNDLED_MODEL = PACKAGE_MODELS / "default_asr.nemo"
@@ -117,11 +117,17 @@ class ConformerModel(SpeechModel):
                 "default_lookahead_ms": self.setting_for_lookahead(None).lookahead_ms,
                 "default_beam_size": self.beam_size, "lm": self.search is not None and self.search.lm is not None,
                 "sample_rate": self.sample_rate, "dtype": getattr(self.model, "dtype_name", "fp32"),
-                "dtypes": list(DTYPES), "options": {}}
+                "dtypes": list(DTYPES), "kv_dtype": getattr(self.model, "kv_dtype_name", "auto"),
+                "kv_dtypes": list(KV_DTYPES), "options": {}}
 
     def with_dtype(self, dtype: str) -> "ConformerModel":
         """Casts (bf16) or quantizes (int8) this model's encoder in place (precision.py)."""
         apply_dtype(self.model, dtype)
+        return self
+
+    def with_kv_dtype(self, kv_dtype: str) -> "ConformerModel":
+        """The streaming K/V and conv state in the compute dtype ("auto") or int8 (streaming.apply_kv_dtype)."""
+        apply_kv_dtype(self.model, kv_dtype)
         return self
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ...cache import SlotPool, StateSpec, TensorSpec
+from ...cache.quantized import (CHANNEL_SCALE_DTYPE, TOKEN_SCALE_DTYPE, Int8FrameWindow, Int8KVWindow,
+                                key_group_size, key_scale_groups)
 from ...cache.ring import FrameRingWindow, ring_rows
 from ...stream.chunking import ChunkPlan
 from .asr_model import FastConformerModel
@@ -67,10 +69,32 @@ def longest_chunk(model: FastConformerModel) -> int:
     return max(widths)
 
 
-RING_STATE = ("kv_ring", "conv_ring")  # written in place by the layers, never read or written whole
+# written in place by the layers, never read or written whole
+RING_STATE = ("kv_ring", "conv_ring", "k_ring", "k_scale", "v_ring", "v_scale", "conv_scale")
+KV_DTYPES = ("auto", "int8")  # `--kv-dtype`: the K/V and conv state in the compute dtype, or int8
+
+
+def apply_kv_dtype(model: FastConformerModel, kv_dtype: str) -> FastConformerModel:
+    """Keep `model`'s streaming K/V and conv state in `kv_dtype` ("auto": the compute dtype; "int8": KIVI's
+    layout, cache/quantized.py).  Any compute dtype; chunked_limited attention only (a regular-style step
+    rewrites look-ahead frames it has stored, which the history-only int8 rings do not hold)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+    enc = model.spec.encoder
+    if kv_dtype == "int8":
+        if enc.att_context_style != "chunked_limited":
+            raise ValueError("int8 K/V state needs chunked_limited attention (this model's is "
+                             f"{enc.att_context_style})")
+        key_group_size(enc.max_left_context, longest_chunk(model))  # raises if the history cannot hold a chunk
+    model.kv_dtype_name = kv_dtype
+    return model
 
 
 def conformer_state_spec(model: FastConformerModel) -> StateSpec:
+    """One stream's state.  With int8 K/V (`apply_kv_dtype`) the rings hold only the history rows:
+    k_ring/v_ring [layers, left context, d] int8, k_scale [layers, groups, d] float16 (per channel per
+    group of frames), v_scale [layers, left context] float32 (per frame), conv_ring [layers, kernel - 1, d]
+    int8 and conv_scale [layers, kernel - 1] float32."""
     enc = model.spec.encoder
     d = model.encoder.cfg.d_model
     cache_frames = enc.subsampling_factor + 1
@@ -80,10 +104,24 @@ def conformer_state_spec(model: FastConformerModel) -> StateSpec:
         mel_cache=TensorSpec((cache_frames, enc.feat_in)),
         mel_seen=TensorSpec((), torch.long),
         frames_done=TensorSpec((), torch.long),
-        # per layer, ring rows of [projected K | projected V] and of depthwise conv inputs (+1 trash row)
-        kv_ring=TensorSpec((enc.n_layers, ring_rows(enc.max_left_context, widest) + 1, 2 * d), ring_dtype),
-        conv_ring=TensorSpec((enc.n_layers, ring_rows(enc.conv_kernel_size - 1, widest) + 1, d), ring_dtype),
     )
+    if getattr(model, "kv_dtype_name", "auto") == "int8":
+        left, conv = enc.max_left_context, enc.conv_kernel_size - 1
+        groups = key_scale_groups(left, key_group_size(left, widest))
+        tensors.update(
+            k_ring=TensorSpec((enc.n_layers, left, d), torch.int8),
+            k_scale=TensorSpec((enc.n_layers, groups, d), CHANNEL_SCALE_DTYPE),
+            v_ring=TensorSpec((enc.n_layers, left, d), torch.int8),
+            v_scale=TensorSpec((enc.n_layers, left), TOKEN_SCALE_DTYPE),
+            conv_ring=TensorSpec((enc.n_layers, conv, d), torch.int8),
+            conv_scale=TensorSpec((enc.n_layers, conv), TOKEN_SCALE_DTYPE),
+        )
+    else:
+        tensors.update(
+            # per layer, ring rows of [projected K | projected V] and of depthwise conv inputs (+1 trash row)
+            kv_ring=TensorSpec((enc.n_layers, ring_rows(enc.max_left_context, widest) + 1, 2 * d), ring_dtype),
+            conv_ring=TensorSpec((enc.n_layers, ring_rows(enc.conv_kernel_size - 1, widest) + 1, d), ring_dtype),
+        )
     if model.joint is not None:
         r = model.spec.rnnt
         tensors.update(
@@ -118,6 +156,9 @@ class ConformerStreamer:
             slots = 64
         self.pool = SlotPool(name, self.spec, slots=slots, memory_budget=memory_budget, device=self.device)
         self.small_state = [k for k in self.spec if k not in RING_STATE]
+        self.kv_int8 = "k_ring" in self.spec
+        self.key_group = (key_group_size(model.spec.encoder.max_left_context, longest_chunk(model))
+                          if self.kv_int8 else None)
         self.longest_chunk = longest_chunk(model)
         self.settings = self.settings_of(model)
         self._sos = self._sos_state() if model.joint is not None else None
@@ -203,10 +244,15 @@ class ConformerStreamer:
                              f"({self.longest_chunk})")
         # Every real new frame enters the rings (a regular-style step's look-ahead frames too: the next
         # step rewrites them before it reads them); padded frames go to the trash row.
-        left = enc_cfg.max_left_context
-        kv = FrameRingWindow(self.pool.tensors["kv_ring"], idx, state["frames_done"], t_out, produced, left)
-        conv = FrameRingWindow(self.pool.tensors["conv_ring"], idx, state["frames_done"], t_out, produced,
-                               enc_cfg.conv_kernel_size - 1)
+        left, pool = enc_cfg.max_left_context, self.pool.tensors
+        if self.kv_int8:  # history-only int8 rings; the chunk's own K/V and conv inputs stay unquantized
+            kv = Int8KVWindow(pool["k_ring"], pool["k_scale"], pool["v_ring"], pool["v_scale"], idx,
+                              state["frames_done"], t_out, produced, self.key_group)
+            conv = Int8FrameWindow(pool["conv_ring"], pool["conv_scale"], idx, state["frames_done"], t_out, produced)
+        else:
+            kv = FrameRingWindow(pool["kv_ring"], idx, state["frames_done"], t_out, produced, left)
+            conv = FrameRingWindow(pool["conv_ring"], idx, state["frames_done"], t_out, produced,
+                                   enc_cfg.conv_kernel_size - 1)
         encoded = model.encoder.stream(chunk_in, produced, state["frames_done"], left, kv, conv, setting.context)
         emitted = produced if setting.out_frames is None else produced.clamp(max=setting.out_frames)
 
