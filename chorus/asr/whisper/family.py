@@ -47,6 +47,7 @@ from .decoding import suppress_tokens
 from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE
+from ...cache.quantized import paged_bytes_per_token
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
 MODES = ("causal", "window", "padded")
@@ -82,6 +83,7 @@ class WhisperModel(SpeechModel):
         self.path = path
         self.sample_rate = SAMPLE_RATE
         self.device = device
+        self.kv_dtype = "auto"   # the K/V caches in the compute dtype, or "int8" (with_kv_dtype)
         self.causal: CausalConfig | None = bundle.causal
         self.suppress = suppress_tokens(self.tokenizer)
         self.blank = self.tokenizer.encode(" ") + [self.tokenizer.eot]
@@ -130,14 +132,33 @@ class WhisperModel(SpeechModel):
             raise UnsupportedOption(f"commit {commit!r} is not offered; use one of {list(COMMIT_RULES)}")
         return mode, int(block), look_back, commit
 
+    def with_kv_dtype(self, kv_dtype: str) -> "WhisperModel":
+        """The encoder, cross- and self-attention K/V caches in the compute dtype ("auto") or int8 (keys per
+        channel per 16-token page, values per token and head: cache/quantized.py)."""
+        if kv_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_dtype {kv_dtype!r}: choose auto or int8")
+        self.kv_dtype = kv_dtype
+        return self
+
+    def kv_bytes_per_stream(self) -> dict[str, int]:
+        """Each K/V cache's share of a stream with a full window (scales included): the encoder's
+        (causal mode) and the decoder's cross-attention K/V for 1500 frames, the self-attention K/V for
+        448 tokens, whole 16-token pages."""
+        d, dtype = self.model.dims, next(self.model.parameters()).dtype
+
+        def cache(layers, heads, state, tokens, page=16):
+            per = paged_bytes_per_token(layers, heads, state // heads, page, self.kv_dtype, dtype)
+            return round(per * page * -(-tokens // page))
+
+        return {"encoder": cache(d.n_audio_layer, d.n_audio_head, d.n_audio_state, d.n_audio_ctx),
+                "cross": cache(d.n_text_layer, d.n_text_head, d.n_text_state, d.n_audio_ctx),
+                "self": cache(d.n_text_layer, d.n_text_head, d.n_text_state, d.n_text_ctx)}
+
     def bytes_per_stream(self) -> int:
-        """A stream's share of the runtime when its window is full: the mel window and tail, the encoder's
-        and the decoder's cross-attention K/V for 1500 frames, the decoder's self-attention K/V for 448
-        tokens (fp32 on CPU: about 44 MB for tiny.en).  The pages are preallocated, as the slots are."""
-        d, elem = self.model.dims, next(self.model.parameters()).element_size()
-        kv = 2 * elem * (d.n_audio_layer * d.n_audio_ctx * d.n_audio_state + d.n_text_layer * d.n_audio_ctx
-                         * d.n_text_state + d.n_text_layer * d.n_text_ctx * d.n_text_state)
-        return kv + 4 * d.n_mels * (N_FRAMES + 2)
+        """A stream's share of the runtime when its window is full: the mel window and tail and the three
+        K/V caches (`kv_bytes_per_stream`; fp32 on CPU: about 44 MB for tiny.en, int8 about 12 MB).  The
+        pages are preallocated, as the slots are."""
+        return sum(self.kv_bytes_per_stream().values()) + 4 * self.model.dims.n_mels * (N_FRAMES + 2)
 
     def make_engine(self, *, slots=None, memory_budget=None, name=None) -> "WhisperEngine":
         """At most `slots` streams (16 by default), and no more than fit `memory_budget` (default
@@ -152,7 +173,7 @@ class WhisperModel(SpeechModel):
         return {"family": self.family, "format": self.bundle.format, "decoders": ["greedy"],
                 "default_decoder": "greedy", "lookahead_ms": blocks, "chunk_ms": {str(b): b for b in blocks},
                 "default_lookahead_ms": self.default_block_ms(default), "default_beam_size": 1, "lm": False,
-                "sample_rate": self.sample_rate,
+                "sample_rate": self.sample_rate, "kv_dtype": self.kv_dtype, "kv_dtypes": ["auto", "int8"],
                 "options": {"mode": list(MODES), "block_ms": {m: self.blocks_ms(m) for m in MODES},
                             "look_back": list(range(9)), "commit": list(COMMIT_RULES),
                             "default": {"mode": default, "block_ms": self.default_block_ms(default),
@@ -163,7 +184,7 @@ class WhisperEngine(Engine):
     def __init__(self, model: WhisperModel, *, slots: int, name: str):
         self.model = model
         self.name = name
-        self.runtime = WhisperRuntime(model.model, slots, name)
+        self.runtime = WhisperRuntime(model.model, slots, name, kv_dtype=model.kv_dtype)
         self.pool = self.runtime.pool
         self.device = self.runtime.device
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...cache import PagedKVCache, SlotPool, StateSpec, TensorSpec
+from ...cache.quantized import QuantizedPagedKVCache
 from .frontend import FLOOR, normalise
 from .model import N_FRAMES, Whisper
 
@@ -39,20 +40,24 @@ def whisper_state_spec(n_mels: int) -> StateSpec:
 class WhisperRuntime:
     """The slot pool and paged caches of one engine (every stream: one slot, one entry per cache)."""
 
-    def __init__(self, model: Whisper, slots: int, name: str, page_size: int = 16):
+    def __init__(self, model: Whisper, slots: int, name: str, page_size: int = 16, kv_dtype: str = "auto"):
+        """`kv_dtype` "int8": the three K/V caches in int8 (`QuantizedPagedKVCache`: keys per channel per page,
+        values per token and head), dequantized to the compute dtype on read; "auto": in the compute dtype."""
         d = model.dims
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.kv_dtype = kv_dtype
         self.pool = SlotPool(name, whisper_state_spec(d.n_mels), slots=slots, device=self.device)
         enc_hd, dec_hd = d.n_audio_state // d.n_audio_head, d.n_text_state // d.n_text_head
         frames = d.n_audio_ctx
-        self.enc = PagedKVCache(f"{name}-encoder", layers=d.n_audio_layer, heads=d.n_audio_head, head_dim=enc_hd,
+        PagedKV = {"auto": PagedKVCache, "int8": QuantizedPagedKVCache}[kv_dtype]
+        self.enc = PagedKV(f"{name}-encoder", layers=d.n_audio_layer, heads=d.n_audio_head, head_dim=enc_hd,
                                 page_size=page_size, pages=slots * -(-frames // page_size), max_streams=slots,
                                 max_tokens_per_stream=frames, dtype=self.dtype, device=self.device)
-        self.cross = PagedKVCache(f"{name}-cross", layers=d.n_text_layer, heads=d.n_text_head, head_dim=dec_hd,
+        self.cross = PagedKV(f"{name}-cross", layers=d.n_text_layer, heads=d.n_text_head, head_dim=dec_hd,
                                   page_size=page_size, pages=slots * -(-frames // page_size), max_streams=slots,
                                   max_tokens_per_stream=frames, dtype=self.dtype, device=self.device)
-        self.self_kv = PagedKVCache(f"{name}-decoder", layers=d.n_text_layer, heads=d.n_text_head, head_dim=dec_hd,
+        self.self_kv = PagedKV(f"{name}-decoder", layers=d.n_text_layer, heads=d.n_text_head, head_dim=dec_hd,
                                     page_size=page_size, pages=slots * -(-d.n_text_ctx // page_size),
                                     max_streams=slots, max_tokens_per_stream=d.n_text_ctx, dtype=self.dtype,
                                     device=self.device)
