@@ -15,6 +15,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="compute dtype of the model (FastConformer: bf16 encoder and state, or int8 matrix "
                         "products; other families fp32 only)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                   help="dtype of the streaming K/V state: auto (the compute dtype) or int8 (keys per channel, "
+                        "values per token: FastConformer K/V and conv rings, Whisper's K/V caches)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +89,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         return 2
-    model = load_model(args.model, args.device, _decoding(args), args.dtype)
+    model = load_model(args.model, args.device, _decoding(args), args.dtype, args.kv_dtype)
     engine = model.make_engine(slots=args.concurrency)
     request = _request(args, args.lookahead_ms, args.decoder)
     show_bar = len(args.files) > 1 and not args.chunk_stream and sys.stderr.isatty()
@@ -120,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     lookaheads = _lookaheads(args.lookahead_ms)  # bad flags and bad manifest lines fail before the model loads
     counts = {manifest: len(read_manifest(manifest, args.limit)) for manifest in args.manifests}
-    model = load_model(args.model, args.device, _decoding(args), args.dtype)
+    model = load_model(args.model, args.device, _decoding(args), args.dtype, args.kv_dtype)
     engine = model.make_engine(slots=args.concurrency)
     decoders = [args.decoder] if args.decoder else model.describe()["decoders"]
     scores = []
@@ -191,11 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     registry = ModelRegistry()
-    models = [("default", args.model, args.dtype)] + [_added_model(spec) for spec in args.add_model]
-    for name, path, dtype in models:
+    models = [("default", args.model, args.dtype, args.kv_dtype)] + [_added_model(spec) for spec in args.add_model]
+    for name, path, dtype, kv_dtype in models:
         # --lm names the default model's LM; other models get beam search without one when --beam > 1
         decoding = _decoding(args) if name == "default" else DecodingDefaults(beam_size=args.beam, lm="none")
-        registry.add(name, load_model(path, args.device, decoding, dtype), slots=args.slots)
+        registry.add(name, load_model(path, args.device, decoding, dtype, kv_dtype), slots=args.slots)
     voices = _load_voices(args)
     tokens = tuple(t for t in (args.token or []) if t)
     if os.environ.get("CHORUS_TOKEN"):
@@ -212,13 +215,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _added_model(spec: str) -> tuple[str, str, str]:
-    """--add-model NAME=PATH[,dtype=DTYPE] -> (name, path, dtype)."""
+def _added_model(spec: str) -> tuple[str, str, str, str]:
+    """--add-model NAME=PATH[,dtype=DTYPE][,kv_dtype=KV] -> (name, path, dtype, kv_dtype)."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--add-model {spec!r}: write NAME=PATH or NAME=PATH,dtype=bf16")
-    path, sep, dtype = path.rpartition(",dtype=") if ",dtype=" in path else (path, "", "fp32")
-    return name, path, dtype
+        raise ValueError(f"--add-model {spec!r}: write NAME=PATH or NAME=PATH,dtype=bf16,kv_dtype=int8")
+    options = {"dtype": "fp32", "kv_dtype": "auto"}
+    while True:  # trailing ,key=value options (a path may hold commas elsewhere)
+        head, comma, tail = path.rpartition(",")
+        key, eq, value = tail.partition("=")
+        if not comma or not eq or key not in options:
+            break
+        options[key], path = value, head
+    return name, path, options["dtype"], options["kv_dtype"]
 
 
 def cmd_speak(args: argparse.Namespace) -> int:
@@ -362,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the WebSocket speech server (/asr, /tts)")
     _add_model_args(s)
-    s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH[,dtype=DTYPE]",
+    s.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH[,dtype=DTYPE][,kv_dtype=KV]",
                    help="offer another model (.nemo or FunASR directory) under NAME (clients pick it with "
-                        "start.model), computing in DTYPE (fp32 by default; --dtype is the default model's)")
+                        "start.model), computing in DTYPE (fp32 by default; --dtype is the default model's), its "
+                        "K/V state in KV (auto or int8; --kv-dtype is the default model's)")
     _add_decoding_args(s)
     s.add_argument("--voice", action="append", default=[], metavar="[NAME=]PATH",
                    help="offer a TTS voice on /tts (a Piper X.onnx with X.onnx.json; a Matcha model.ckpt with its "

@@ -79,8 +79,10 @@ def family_of(path: Path) -> Family:
 
 
 def load_model(path: str | os.PathLike | None, device: str | None = None,
-               decoding: DecodingDefaults = DecodingDefaults(), dtype: str = "fp32") -> SpeechModel:
+               decoding: DecodingDefaults = DecodingDefaults(), dtype: str = "fp32",
+               kv_dtype: str = "auto") -> SpeechModel:
     """Load a checkpoint of any family (the bundled default model when `path` is None), computing in
-    `dtype` (fp32, or bf16/int8 where the family offers them)."""
+    `dtype` (fp32, or bf16/int8 where the family offers them), its K/V state in `kv_dtype` ("auto": the
+    compute dtype, or int8 where the family offers it)."""
     path = resolve_model_path(path)
-    return family_of(path).load(path, pick_device(device), decoding).with_dtype(dtype)
+    return family_of(path).load(path, pick_device(device), decoding).with_dtype(dtype).with_kv_dtype(kv_dtype)

@@ -250,6 +250,13 @@ class SpeechModel(ABC):
             raise ValueError(f"--dtype {dtype}: the {self.family} family computes in fp32 only")
         return self
 
+    def with_kv_dtype(self, kv_dtype: str) -> "SpeechModel":
+        """This model keeping its K/V state in `kv_dtype` ("auto": the compute dtype; "int8": `--kv-dtype`).
+        A family that offers int8 state overrides this; the others refuse."""
+        if kv_dtype != "auto":
+            raise ValueError(f"--kv-dtype {kv_dtype}: the {self.family} family keeps its state in its compute dtype")
+        return self
+
 
 @dataclass(frozen=True)
 class Family:
