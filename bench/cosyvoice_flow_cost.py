@@ -3,6 +3,7 @@
 the two final-chunk modes are apart.
 
     .venv/bin/python bench/cosyvoice_flow_cost.py [--size full|small] [--tokens 600] [--prompt 0] [--threads 1]
+    .venv/bin/python bench/cosyvoice_flow_cost.py --cached-only [--chunks 20] [--report 1 5 10 20] [--left-chunks 2]
 
 One random-weight flow (CosyVoice2-0.5B's sizes with --size full: 6 + 4 encoder blocks of 512, a 256-channel
 estimator with 1 + 12 + 1 levels of 4 transformer blocks; nothing is downloaded), one utterance on CosyVoice's hop
@@ -19,6 +20,12 @@ modes (exact: CosyVoice's full-attention pass; flat: chunk-causal to the end, fr
 much the mask matters to such a network, not how a trained model sounds.  Figures are medians over --repeat
 runs of the same utterance; each chunk is timed both ways back to back (the machine may be shared: only same-run
 ratios mean anything).
+
+--cached-only: only chorus's cached flow, over a long stream of --chunks chunks (7 prompt tokens unless --prompt:
+43, 50, then 100 tokens a chunk, as bench/tts_cosyvoice.py), thread CPU seconds of each chunk (median of --repeat)
+at the --report chunks, and the median over the 100-token chunks 3..N; with --left-chunks L, also the same stream
+with a bounded left context of L chunks in a slot just large enough for it (its K/V in a ring), timed the same way,
+and the largest |mel difference| of each of its chunks from the full-context chunk (the exact output).
 """
 from __future__ import annotations
 
@@ -51,6 +58,76 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def cached_costs(flow, tokens, ptok, feat, emb, chunks: int, repeat: int, left: int | None):
+    """Thread CPU seconds of each of the first `chunks` cached chunks (each a list over `repeat` runs), and the
+    mel chunks of the last run.  A bounded stream gets a slot just large enough for its ring."""
+    plan = plan_utterance(tokens, ptok, flow.cfg.pre_lookahead_len).chunks[:chunks]
+    frames = 2 * (len(tokens) + len(ptok)) + 50
+    times = [[] for _ in plan]
+    warm = FlowStreamer(flow, slots=1, max_frames=4 * len(plan[0].tokens) + 8)  # first calls' one-off costs
+    state = warm.open(emb, feat)
+    warm.step([state], plan[:1])
+    warm.release(state)
+    for _ in range(repeat):
+        if left is None:
+            streamer = FlowStreamer(flow, slots=1, max_frames=frames)
+            state = streamer.open(emb, feat)
+        else:
+            widest = max(len(ptok) + (-len(ptok)) % 25 + 25, 100) + flow.cfg.pre_lookahead_len - 1
+            streamer = FlowStreamer(flow, slots=1, max_frames=4 * (25 * left + widest) + 8)
+            state = streamer.open(emb, feat, left)
+        mels = []
+        try:
+            for k, c in enumerate(plan):
+                t = time.thread_time()
+                mels += streamer.step([state], [c])
+                times[k].append(time.thread_time() - t)
+        finally:
+            streamer.release(state)
+    return times, mels, streamer.nbytes
+
+
+def cached_only(args, flow, sizes) -> int:
+    g = torch.Generator().manual_seed(1)
+    prompt = args.prompt if args.prompt else 7
+    n = 25 + (-prompt) % 25 + 50 + 100 * max(0, args.chunks - 2) + 13
+    tokens = torch.randint(0, sizes["vocab_size"], (n,), generator=g).tolist()
+    ptok = torch.randint(0, sizes["vocab_size"], (prompt,), generator=g).tolist()
+    feat = torch.randn(2 * prompt, 80, generator=g)
+    emb = torch.randn(192, generator=g)
+    med = statistics.median
+    runs = [("full left context", None)] + ([(f"left_chunks {args.left_chunks}", args.left_chunks)]
+                                           if args.left_chunks is not None else [])
+    print(f"CosyVoice 2 cached flow, {args.size} size (random weights), {args.chunks} chunks of a {n}-token stream, "
+          f"prompt {prompt} tokens, {args.threads} thread(s), thread CPU s, median of {args.repeat}")
+    results = {}
+    for label, left in runs:
+        times, mels, nbytes = cached_costs(flow, tokens, ptok, feat, emb, args.chunks, args.repeat, left)
+        results[label] = (times, mels)
+        print(f"{label}: K/V and state {nbytes / 2**20:.0f} MiB for the slot")
+        so_far = 0
+        for k, t in enumerate(times):
+            so_far += mels[k].shape[2] // 2 + (prompt if k == 0 else 0)
+            if k + 1 in args.report:
+                extra = ""
+                if left is not None:
+                    full = results["full left context"][1][k]
+                    extra = f", max |mel - full context| {float((mels[k] - full).abs().max()):.4f}"
+                print(f"  chunk {k + 1:>3} ({so_far:>5} tokens in): {med(t):.3f} s, {1e3 * med(t) / (mels[k].shape[2] / 2):.2f} "
+                      f"ms/token{extra}")
+        later = [med(t) for t in times[2:]]
+        if later:
+            print(f"  100-token chunks 3-{len(times)}: median {med(later):.3f} s, min {min(later):.3f}, max {max(later):.3f}; "
+                  f"chunk {len(times)} / chunk 3 = {med(times[-1]) / med(times[2]):.2f}")
+    if args.left_chunks is not None:
+        full, bounded = results["full left context"][1], results[runs[1][0]][1]
+        span = max(float(m.max() - m.min()) for m in full)
+        diffs = [float((a - b).abs().max()) for a, b in zip(full, bounded)]
+        print(f"left_chunks {args.left_chunks} vs full context, max |dmel| per chunk: "
+              + " ".join(f"{d:.3f}" for d in diffs) + f" (mel range {span:.2f})")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("full", "small"), default="full")
@@ -58,10 +135,16 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=0, help="prompt tokens (with a random prompt mel)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cached-only", action="store_true", help="only the cached flow over a long stream")
+    ap.add_argument("--chunks", type=int, default=20, help="--cached-only: chunks of the stream")
+    ap.add_argument("--report", type=int, nargs="*", default=[1, 5, 10, 20], help="--cached-only: chunks to print")
+    ap.add_argument("--left-chunks", type=int, default=None, help="--cached-only: also a bounded left context")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = FULL if args.size == "full" else SMALL
     flow = random_flow(sizes, seed=0)
+    if args.cached_only:
+        return cached_only(args, flow, sizes)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, sizes["vocab_size"], (args.tokens,), generator=g).tolist()
     ptok = torch.randint(0, sizes["vocab_size"], (args.prompt,), generator=g).tolist()

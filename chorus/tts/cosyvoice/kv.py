@@ -68,6 +68,12 @@ class Piece:
     re: int
 
 
+# torch's CPU flash attention, which also returns each query's log-sum-exp: with it a chunk's queries attend to the
+# stream's cached keys in one unmasked call and to their own chunk's keys in a second, masked call, and the two are
+# merged exactly (one large call is cheaper than one call per 50-frame piece, each reading every cached key)
+_FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 class ChunkKV:
     """One step's access to a `SlotKV` for a batch of streams: where each stream's new K/V rows go and which
     contiguous key range each piece of its new positions attends to; shared by every layer and ODE step."""
@@ -78,6 +84,7 @@ class ChunkKV:
         self.pieces: list[list[Piece]] = []
         self.writes: list[list[tuple[int, int, int]]] = []  # (qa, qe, row) runs of the new K/V, per stream
         self.max_keys = 0
+        self.splits: list[tuple[int, int, Tensor | None] | None] = []  # full left context: (t0, n, new-key mask)
         cap = kv.ring()
         for t0, n, left in zip(starts, counts, lefts):
             end = t0 + n
@@ -109,6 +116,14 @@ class ChunkKV:
                 a = e
             self.pieces.append(pieces)
             self.writes.append(writes)
+            split = None
+            if len(pieces) > 1 and all(c.lo == 0 for c in pieces):
+                # every new query sees all cached keys (rows = positions: a ring has not wrapped while it sees all)
+                # and its own chunk's new ones: a mask only over the new keys
+                pos = torch.arange(t0, end)
+                seen = pos[None, :] < ((pos // chunk + 1) * chunk)[:, None]
+                split = (t0, n, torch.zeros(n, n).masked_fill_(~seen, float("-inf")))
+            self.splits.append(split)
 
     def layer(self, layer: int) -> "LayerKV":
         return LayerKV(self, layer)
@@ -143,6 +158,20 @@ class LayerKV:
         out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
         for b, pieces in enumerate(st.pieces):
             qb = q[b * p:(b + 1) * p]
+            split = st.splits[b]
+            if split is not None and _FLASH_LSE is not None and q.device.type == "cpu":
+                t0, n, mask = split
+                kn, vn = ks[b][:, :, t0:t0 + n], vs[b][:, :, t0:t0 + n]
+                mask = mask.to(q.dtype)
+                if t0 == 0:
+                    o = F.scaled_dot_product_attention(qb[:, :, :n], kn, vn, attn_mask=mask)
+                else:
+                    o1, l1 = _FLASH_LSE(qb[:, :, :n], ks[b][:, :, :t0], vs[b][:, :, :t0])
+                    o2, l2 = _FLASH_LSE(qb[:, :, :n], kn, vn, attn_mask=mask)
+                    lse = torch.logaddexp(l1, l2)
+                    o = o1 * (l1 - lse).exp_()[..., None] + o2 * (l2 - lse).exp_()[..., None]
+                out[b * p:(b + 1) * p, :n] = o.transpose(1, 2)
+                continue
             for c in pieces:
                 o = F.scaled_dot_product_attention(qb[:, :, c.qa:c.qe], ks[b][:, :, c.ra:c.re], vs[b][:, :, c.ra:c.re])
                 out[b * p:(b + 1) * p, c.qa:c.qe] = o.transpose(1, 2)
