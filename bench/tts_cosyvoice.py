@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/tts_cosyvoice.py [--cosy-python /work/cosy-venv/bin/python] [--chunks 20]
         [--counts 1 4 16] [--concurrent-chunks 4] [--repeats 3] [--cpus 0] [--json out.json]
+    .venv/bin/python bench/tts_cosyvoice.py --chorus-only [--left-chunks 2] ...
 
 The checkpoint is bench/cosyvoice_parity.py's: CosyVoice builds its own flow and HiFTGenerator from a small
 cosyvoice2.yaml (encoder 512 wide, 2 + 4 blocks; estimator 64 channels, 2 mid blocks; HiFT 32 channels), gives
@@ -22,6 +23,10 @@ process and CosyVoice's subprocess pinned with sched_setaffinity, --cpus) with o
    tts() session over one model); chorus batched (one FlowStreamer.step and one HiftStreamer.push_many per chunk
    for all N). CPU seconds of the whole process, wall time, first audio (the slowest stream's first chunk), and
    real-time factor (wall / audio seconds made). chorus warms up with one chunk first, as the reference does.
+
+--chorus-only: without CosyVoice's venv: the checkpoint of the same sizes written by chorus's test factories
+(random weights of its own), chorus's side of 1-3 only (CosyVoice's columns empty). --left-chunks L: chorus's
+streams with a bounded left context of L chunks (the `left_chunks` option; not CosyVoice's output).
 """
 from __future__ import annotations
 
@@ -37,7 +42,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cosyvoice_parity import COSY_PYTHON, load_chorus, reference, stream_inputs, write_checkpoint  # noqa: E402
+from cosyvoice_parity import (BENCH_FLOW, BENCH_HIFT, COSY_PYTHON, load_chorus, reference, stream_inputs,  # noqa: E402
+                              write_checkpoint)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cosyvoice_factories import write_cosyvoice2_dir  # noqa: E402
 
 from chorus.tts.cosyvoice.hift import HiftStreamer  # noqa: E402
 from chorus.tts.cosyvoice.streaming import FlowStreamer, plan_utterance  # noqa: E402
@@ -52,12 +61,21 @@ def tokens_for(chunks: int, prompt: int) -> int:
     return sum(hops[:chunks]) + 3 + 10
 
 
-def chorus_chunks(flow, hift, inputs: dict, chunks: int) -> list[dict]:
+def slot_frames(flow, tokens: int, prompt: int, left: int | None) -> int:
+    """max_frames of a slot for streams of `tokens` + `prompt` tokens: all of them, or (bounded left context) a ring
+    just large enough for L chunks and the widest chunk."""
+    if left is None:
+        return 2 * (tokens + prompt) + 100
+    widest = max(prompt + (-prompt) % 25 + 25, 100) + flow.cfg.pre_lookahead_len - 1
+    return 4 * (25 * left + widest) + 8
+
+
+def chorus_chunks(flow, hift, inputs: dict, chunks: int, left: int | None = None) -> list[dict]:
     tokens = inputs["tokens"][0].tolist()
     prompt = inputs["prompt_token"][0].tolist()
     plan = plan_utterance(tokens, prompt, flow.cfg.pre_lookahead_len).chunks[:chunks]
-    streamer = FlowStreamer(flow, slots=1, max_frames=2 * (len(tokens) + len(prompt)) + 100)
-    state = streamer.open(inputs["embedding"][0], inputs["prompt_feat"][0])
+    streamer = FlowStreamer(flow, slots=1, max_frames=slot_frames(flow, len(tokens), len(prompt), left))
+    state = streamer.open(inputs["embedding"][0], inputs["prompt_feat"][0], left)
     voc = HiftStreamer(hift, generator=int(inputs["seed"]))
     out = []
     try:
@@ -74,13 +92,14 @@ def chorus_chunks(flow, hift, inputs: dict, chunks: int) -> list[dict]:
     return out
 
 
-def chorus_concurrent(flow, hift, inputs_list: list[dict], chunks: int) -> dict:
+def chorus_concurrent(flow, hift, inputs_list: list[dict], chunks: int, left: int | None = None) -> dict:
     n = len(inputs_list)
     plans = [plan_utterance(i["tokens"][0].tolist(), i["prompt_token"][0].tolist(),
                             flow.cfg.pre_lookahead_len).chunks[:chunks] for i in inputs_list]
     longest = max(len(i["tokens"][0]) + len(i["prompt_token"][0]) for i in inputs_list)
-    streamer = FlowStreamer(flow, slots=n, max_frames=2 * longest + 100)
-    states = [streamer.open(i["embedding"][0], i["prompt_feat"][0]) for i in inputs_list]
+    streamer = FlowStreamer(flow, slots=n, max_frames=max(
+        slot_frames(flow, len(i["tokens"][0]), len(i["prompt_token"][0]), left) for i in inputs_list))
+    states = [streamer.open(i["embedding"][0], i["prompt_feat"][0], left) for i in inputs_list]
     vocs = [HiftStreamer(hift, generator=int(i["seed"])) for i in inputs_list]
     samples, steps = 0, []
     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,26 +140,37 @@ def main():
     ap.add_argument("--cpus", type=int, nargs="*", default=[0])
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--chorus-only", action="store_true", help="no CosyVoice venv: chorus's side on its own checkpoint")
+    ap.add_argument("--left-chunks", type=int, default=None, help="chorus's streams with a bounded left context")
     args = ap.parse_args()
+    left = args.left_chunks
     os.sched_setaffinity(0, set(args.cpus))  # inherited by CosyVoice's subprocesses
     torch.set_num_threads(1)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results = {"started": started, "cpus": args.cpus, "threads": 1}
+    results = {"started": started, "cpus": args.cpus, "threads": 1, "chorus_only": args.chorus_only,
+               "left_chunks": left}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = work / "model"
-        write_checkpoint(model_dir, args.cosy_python)
+        if args.chorus_only:
+            write_cosyvoice2_dir(model_dir, BENCH_FLOW, BENCH_HIFT)
+        else:
+            write_checkpoint(model_dir, args.cosy_python)
         flow, hift = load_chorus(model_dir)
         n_tokens = tokens_for(args.chunks, args.prompt_tokens)
         inputs = stream_inputs(n_tokens, args.prompt_tokens, args.seed)
         torch.save(inputs, work / "inputs.pt")
 
         # 1-2: per-chunk cost and first audio, one stream
-        reference(args.cosy_python, "stream", str(model_dir), str(work / "inputs.pt"), str(work / "ref.pt"),
-                  "--chunks", str(args.chunks))
-        cosy = torch.load(work / "ref.pt", weights_only=True)["chunks"]
-        chorus_chunks(flow, hift, inputs, 1)  # warm-up, as the reference warms up
-        runs = [chorus_chunks(flow, hift, inputs, args.chunks) for _ in range(args.repeats)]
+        nan = {"cpu_s": float("nan"), "wall_s": float("nan"), "audio": torch.zeros(1, 0)}
+        if args.chorus_only:
+            cosy = [nan] * args.chunks
+        else:
+            reference(args.cosy_python, "stream", str(model_dir), str(work / "inputs.pt"), str(work / "ref.pt"),
+                      "--chunks", str(args.chunks))
+            cosy = torch.load(work / "ref.pt", weights_only=True)["chunks"]
+        chorus_chunks(flow, hift, inputs, 1, left)  # warm-up, as the reference warms up
+        runs = [chorus_chunks(flow, hift, inputs, args.chunks, left) for _ in range(args.repeats)]
         rows = []
         for k in range(args.chunks):
             ours = [r[k] for r in runs]
@@ -152,7 +182,9 @@ def main():
                          "chorus_wall_s": statistics.median(o["wall_s"] for o in ours),
                          "samples": ours[0]["samples"], "cosy_samples": cosy[k]["audio"].shape[1]})
         results["chunks"] = rows
-        print(f"{started}; one core {args.cpus}, one torch thread; machine shared with other jobs")
+        print(f"{started}; one core {args.cpus}, one torch thread; machine shared with other jobs"
+              + ("; chorus only (its own random checkpoint)" if args.chorus_only else "")
+              + (f"; chorus with left_chunks {left}" if left is not None else ""))
         print(f"flow {sum(p.numel() for p in flow.parameters()) / 1e6:.1f} M parameters, HiFT "
               f"{sum(p.numel() for p in hift.parameters()) / 1e6:.2f} M; {n_tokens} speech tokens, "
               f"{args.prompt_tokens} prompt tokens; chorus median of {args.repeats}")
@@ -184,9 +216,10 @@ def main():
               "| first audio CosyVoice / chorus s | RTF CosyVoice / chorus |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for n in args.counts:
-            c = cosy_concurrent(args, model_dir, work, n)
+            c = ({k: float("nan") for k in ("cpu_s", "total_s", "first_audio_s", "rtf")} if args.chorus_only
+                 else cosy_concurrent(args, model_dir, work, n))
             ours = chorus_concurrent(flow, hift, [{**conc_inputs, "seed": torch.tensor(args.seed + i)}
-                                                  for i in range(n)], args.concurrent_chunks)
+                                                  for i in range(n)], args.concurrent_chunks, left)
             results["concurrent"].append({"streams": n, "cosy": c, "chorus": ours})
             print(f"| {n} | {c['cpu_s']:.2f} | {ours['cpu_s']:.2f} | {c['cpu_s'] / ours['cpu_s']:.1f}x | "
                   f"{c['total_s']:.2f} / {ours['total_s']:.2f} | {c['first_audio_s']:.2f} / "
