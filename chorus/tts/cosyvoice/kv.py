@@ -162,7 +162,7 @@ class LayerKV:
             if split is not None and _FLASH_LSE is not None and q.device.type == "cpu":
                 t0, n, mask = split
                 kn, vn = ks[b][:, :, t0:t0 + n], vs[b][:, :, t0:t0 + n]
-                mask = mask.to(q.dtype)
+                mask = mask.to(q.device, q.dtype)
                 if t0 == 0:
                     o = F.scaled_dot_product_attention(qb[:, :, :n], kn, vn, attn_mask=mask)
                 else:

@@ -9,8 +9,17 @@ prompt + hop is a multiple of 25, later hops are 50 and 100), so what an earlier
 * in its `SlotPool` slot: the projected speaker embedding, the pre-lookahead layer's last two conv1 outputs, the
   upsampler's last four rows, and for each of the 10 Euler steps and both halves of the CFG pair the left
   context (2 frames) of every causal convolution of the estimator;
-* in three `PagedKVCache`s: the encoder's per-layer K/V over tokens, the up-encoder's over mel frames, and the
-  estimator's per (ODE step, layer) over mel frames, two page-table entries per stream (the CFG pair).
+* in three `SlotKV`s (`kv.py`), contiguous per slot and written in place: the encoder's per-layer K/V over tokens,
+  the up-encoder's over mel frames, and the estimator's per (ODE step, layer) over mel frames for both CFG halves.
+  Attention reads a stream's keys as a view of its slot; nothing is gathered per layer and no mask covers the cached
+  keys (every new position sees all of them; only the chunk's own keys need one, made once per step), so what a
+  chunk costs beyond its own positions is only the attention dot products over the keys it sees.
+
+Left context: CosyVoice 2 attends to every earlier chunk (`num_decoding_left_chunks: -1`), so those dot products
+grow with the utterance.  `open(..., left_chunks=L)` bounds them (wenet's `num_left_chunks` arithmetic: a chunk
+sees the L chunks before it; CosyVoice's own masks ignore that setting): the stream's K/V live in a ring of half
+the slot's rows, its cost per chunk and its state stay flat, and it may run to CosyVoice's 300 s of noise.  The
+model was trained with the full left context, so this is not CosyVoice's output: off by default.
 
 A step batches any number of streams (each its own number of new tokens, positions and lookahead; a final chunk
 has zeros after its end, as CosyVoice's `finalize`), the CFG pair included, and writes the state back in place.
@@ -25,6 +34,7 @@ A simple API for benches (what `bench/cosyvoice_*.py` drive):
     flow = load_flow(dir / "flow.pt", config)
     streamer = FlowStreamer(flow, slots=1, max_frames=3000)
     mels = stream_utterance(streamer, tokens, embedding, prompt_token, prompt_feat, final="exact")
+    # left_chunks=2: a bounded left context
     # mels: the mel chunks [1, 80, T_i] on CosyVoice's hop schedule, the last one per `final`
 
 `reference.py` has CosyVoice's own recompute schedule over the same weights.
