@@ -176,7 +176,7 @@ def streamed(engine, rows, mode: str, block: int, commit: str, clip_max: bool = 
 
 
 def accuracy(args) -> None:
-    model = load_model(bundled_models()["whisper-tiny.en"], "cpu")
+    model = load_model(bundled_models()["whisper-tiny.en"], "cpu", kv_dtype=args.kv_dtype)
     engine = model.make_engine(slots=4)
     configs = [("window", 1000), ("causal", 1000), ("padded", 1000), ("window", 500), ("causal", 500),
                ("padded", 500), ("causal", 2000), ("window", 2000), ("padded", 2000)]
@@ -188,9 +188,10 @@ def accuracy(args) -> None:
         print(f"torch threads {torch.get_num_threads()}; sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
         for name, rows in sets.items():
             refs = [r for _, r in rows]
-            hyp, hyp_cut = offline(model, rows)
-            print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%   "
-                  f"with loops cut: {100 * wer(refs, hyp_cut):5.1f}%")
+            if not args.no_offline:
+                hyp, hyp_cut = offline(model, rows)
+                print(f"{name:13} offline (transcribe_30s)      WER {100 * wer(refs, hyp):5.1f}%   "
+                      f"with loops cut: {100 * wer(refs, hyp_cut):5.1f}%")
             for (mode, block), commit in ((c, r) for c in configs for r in args.commits.split(",")):
                 if name != "jfk" and block not in args.blocks:
                     continue
@@ -294,6 +295,8 @@ def main() -> None:
     p.add_argument("--jfk-all", action="store_true", help="every mode and block on jfk.flac")
     p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"], help="accuracy: the K/V caches' dtype")
+    p.add_argument("--no-offline", action="store_true", help="accuracy: skip offline Whisper's rows")
     args = p.parse_args()
     args.blocks = [int(b) for b in args.blocks.split(",")]
     torch.set_num_threads(args.threads)

@@ -8,9 +8,11 @@ quantized per channel over a group of tokens and values per token.  Two stores h
 * `Int8TokenRing`, `Int8ChannelRing`: frame rings (cache/ring.py's idea) that hold only the `history`
   frames a chunk attends to before itself, at row `position mod history`.  A step first reads the
   history (dequantized), then writes its chunk's new frames over the oldest ones; the chunk's own new
-  frames reach attention unquantized (a transient buffer), so the ring needs no rows for them.  Padded
-  frames (a stream shorter than the batch's longest chunk) write the row's old bytes back, so there is
-  no trash row either.  Keys' groups are aligned to absolute positions (`position // group`); a chunk
+  frames reach attention unquantized (a transient buffer), so the ring needs no rows for them.  A
+  per-frame ring stores each stream's last min(T, H) real frames (a stream shorter than the batch's
+  longest chunk rewrites rows it already holds with their own bytes), and a key group is rewritten
+  whole, so padded frames never reach the state and there is no trash row either.  Keys' groups
+  are aligned to absolute positions (`position // group`); a chunk
   that extends a group already holding frames raises the group's per-channel scale to cover the new
   frames and requantizes the group's earlier frames with it (exact when the scale did not change).
   A group's scale lives in a ring of `ceil(history / group) + 1` entries, so a new group never takes
@@ -139,7 +141,8 @@ class Int8ChannelRing:
         # the groups this chunk touches: g0 = first_pos // G and the next ones up to the chunk's end
         touched = 1 + -(-(t - 1) // g) if t > 0 else 0
         if touched * g > rows:
-            raise ValueError(f"groups of {g} frames: a chunk of {t} touches {touched} groups, more than a ring of {rows}")
+            raise ValueError(f"groups of {g} frames: a chunk of {t} touches {touched} groups, "
+                             f"more than a ring of {rows} rows")
         gid = torch.div(step.first_pos, g, rounding_mode="floor")[:, None] + torch.arange(touched, device=dev)[None]
         gpos = gid[:, :, None] * g + torch.arange(g, device=dev)[None, None]             # [B, NG, G]
         rel = gpos - step.first_pos[:, None, None]                                         # index into the chunk
