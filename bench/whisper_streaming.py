@@ -176,7 +176,7 @@ def streamed(engine, rows, mode: str, block: int, commit: str, clip_max: bool = 
 
 
 def accuracy(args) -> None:
-    model = load_model(bundled_models()["whisper-tiny.en"], "cpu", kv_dtype=args.kv_dtype)
+    model = load_model(bundled_models()["whisper-tiny.en"], "cpu", dtype=args.dtype, kv_dtype=args.kv_dtype)
     engine = model.make_engine(slots=4)
     configs = [("window", 1000), ("causal", 1000), ("padded", 1000), ("window", 500), ("causal", 500),
                ("padded", 500), ("causal", 2000), ("window", 2000), ("padded", 2000)]
@@ -296,6 +296,7 @@ def main() -> None:
     p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"], help="accuracy: the K/V caches' dtype")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="accuracy: the compute dtype")
     p.add_argument("--no-offline", action="store_true", help="accuracy: skip offline Whisper's rows")
     args = p.parse_args()
     args.blocks = [int(b) for b in args.blocks.split(",")]

@@ -14,7 +14,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                    help="compute dtype of the model (FastConformer: bf16 encoder and state, or int8 matrix "
-                        "products; other families fp32 only)")
+                        "products; Whisper: bf16 (layer norms fp32); other families fp32 only)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
                    help="dtype of the streaming K/V state: auto (the compute dtype) or int8 (keys per channel, "
                         "values per token: FastConformer K/V and conv rings, Whisper's K/V caches)")

@@ -368,3 +368,41 @@ def test_whisper_tiny_en_bytes_per_stream():
     per_page = 4 * (16 * 384 * 2 + 384 * 2 + 16 * 6 * 4)
     assert int8 == {"encoder": 94 * per_page, "cross": 94 * per_page, "self": 28 * per_page}
     assert Stub("int8").bytes_per_stream() == 12_572_800 and Stub("auto").bytes_per_stream() == 43_427_968
+
+
+# -- Whisper compute in bf16 (--dtype bf16) ----------------------------------------------------------
+
+@torch.no_grad()
+def test_whisper_bf16_compute_near_fp32_with_either_state(whisper_path):
+    fp32 = load_model(whisper_path, "cpu", GREEDY)
+    raw = IncrementalLogMel(fp32.model.dims.n_mels)
+    mel = torch.cat([raw.accept(_speechlike(2.3, 3)), raw.finish()], dim=1)
+    ids = torch.tensor([[fp32.tokenizer.sot, 11, 23, 5, 301, 77, 9]])
+
+    def logits(model, kv):
+        rt = WhisperRuntime(model.model, 1, f"bf-{kv}", kv_dtype=kv)
+        h = rt.open()
+        try:
+            rt.pool.tensors["mel"][h[0], :, :mel.shape[1]] = mel
+            encode_window(rt, [h], [mel.shape[1]], [float(mel.max())], pad_to_30s=True)
+            cross = [rt.cross.gather(layer, torch.tensor([h[2]])) for layer in range(len(model.model.decoder.blocks))]
+            return _forward(rt, ids, torch.zeros(1, dtype=torch.long), torch.tensor([ids.shape[1]]),
+                            torch.tensor([h[3]]), cross, 4)
+        finally:
+            rt.close(h)
+
+    ref = logits(fp32, "auto")
+    bf16 = load_model(whisper_path, "cpu", GREEDY, "bf16")
+    assert bf16.describe()["dtype"] == "bf16" and bf16.model.decoder.token_embedding.weight.dtype == torch.bfloat16
+    assert bf16.model.decoder.ln.weight.dtype == torch.float32  # layer norms compute in fp32, as openai/whisper's
+    for kv in ("auto", "int8"):
+        got = logits(bf16, kv)
+        assert got.dtype == torch.float32
+        err = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+        assert 0 < err.item() < 0.05, (kv, err)
+    engine = bf16.make_engine(slots=1)
+    assert engine.runtime.self_kv.k.dtype == torch.bfloat16
+    s = stream_alone(engine.open(StreamRequest(options={"mode": "causal", "block_ms": 200})), _speechlike(1.0, 1), 0.1)
+    assert s.done and engine.runtime.pool.used == 0
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        load_model(whisper_path, "cpu", GREEDY, "int8")

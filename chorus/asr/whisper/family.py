@@ -46,7 +46,7 @@ from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, S
 from .decoding import suppress_tokens
 from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
-from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE
+from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE, LayerNorm
 from ...cache.quantized import paged_bytes_per_token
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
@@ -84,6 +84,7 @@ class WhisperModel(SpeechModel):
         self.sample_rate = SAMPLE_RATE
         self.device = device
         self.kv_dtype = "auto"   # the K/V caches in the compute dtype, or "int8" (with_kv_dtype)
+        self.dtype_name = "fp32"  # or "bf16" (with_dtype)
         self.causal: CausalConfig | None = bundle.causal
         self.suppress = suppress_tokens(self.tokenizer)
         self.blank = self.tokenizer.encode(" ") + [self.tokenizer.eot]
@@ -132,6 +133,23 @@ class WhisperModel(SpeechModel):
             raise UnsupportedOption(f"commit {commit!r} is not offered; use one of {list(COMMIT_RULES)}")
         return mode, int(block), look_back, commit
 
+    def with_dtype(self, dtype: str) -> "WhisperModel":
+        """fp32, or bf16: every weight and activation in bfloat16 but the layer norms, which compute in fp32
+        as openai/whisper's do (model.LayerNorm casts), and the logits, read as fp32; the K/V caches follow
+        the compute dtype unless `with_kv_dtype("int8")`.  No int8 products for Whisper."""
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype {dtype}: Whisper computes in fp32 or bf16")
+        if dtype == self.dtype_name:
+            return self
+        if self.dtype_name != "fp32":
+            raise ValueError(f"the model already computes in {self.dtype_name}; load it again for {dtype}")
+        self.model.to(torch.bfloat16)
+        for module in self.model.modules():
+            if isinstance(module, LayerNorm):
+                module.float()
+        self.dtype_name = dtype
+        return self
+
     def with_kv_dtype(self, kv_dtype: str) -> "WhisperModel":
         """The encoder, cross- and self-attention K/V caches in the compute dtype ("auto") or int8 (keys per
         channel per 16-token page, values per token and head: cache/quantized.py)."""
@@ -173,7 +191,8 @@ class WhisperModel(SpeechModel):
         return {"family": self.family, "format": self.bundle.format, "decoders": ["greedy"],
                 "default_decoder": "greedy", "lookahead_ms": blocks, "chunk_ms": {str(b): b for b in blocks},
                 "default_lookahead_ms": self.default_block_ms(default), "default_beam_size": 1, "lm": False,
-                "sample_rate": self.sample_rate, "kv_dtype": self.kv_dtype, "kv_dtypes": ["auto", "int8"],
+                "sample_rate": self.sample_rate, "dtype": self.dtype_name, "dtypes": ["fp32", "bf16"],
+                "kv_dtype": self.kv_dtype, "kv_dtypes": ["auto", "int8"],
                 "options": {"mode": list(MODES), "block_ms": {m: self.blocks_ms(m) for m in MODES},
                             "look_back": list(range(9)), "commit": list(COMMIT_RULES),
                             "default": {"mode": default, "block_ms": self.default_block_ms(default),
