@@ -113,12 +113,12 @@ def cached_only(args, flow, sizes) -> int:
                 if left is not None:
                     full = results["full left context"][1][k]
                     extra = f", max |mel - full context| {float((mels[k] - full).abs().max()):.4f}"
-                print(f"  chunk {k + 1:>3} ({so_far:>5} tokens in): {med(t):.3f} s, {1e3 * med(t) / (mels[k].shape[2] / 2):.2f} "
-                      f"ms/token{extra}")
+                per_token = 1e3 * med(t) / (mels[k].shape[2] / 2)
+                print(f"  chunk {k + 1:>3} ({so_far:>5} tokens in): {med(t):.3f} s, {per_token:.2f} ms/token{extra}")
         later = [med(t) for t in times[2:]]
         if later:
-            print(f"  100-token chunks 3-{len(times)}: median {med(later):.3f} s, min {min(later):.3f}, max {max(later):.3f}; "
-                  f"chunk {len(times)} / chunk 3 = {med(times[-1]) / med(times[2]):.2f}")
+            print(f"  100-token chunks 3-{len(times)}: median {med(later):.3f} s, min {min(later):.3f}, "
+                  f"max {max(later):.3f}; chunk {len(times)} / chunk 3 = {med(times[-1]) / med(times[2]):.2f}")
     if args.left_chunks is not None:
         full, bounded = results["full left context"][1], results[runs[1][0]][1]
         span = max(float(m.max() - m.min()) for m in full)

@@ -1,15 +1,15 @@
 """CosyVoice 2 token-to-wave as a TTS family: speech tokens (from the user's own CosyVoice LLM) in, audio out.
 
-A voice is a CosyVoice 2 model directory (`cosyvoice2.yaml`, `flow.pt`, `hift.pt`; the LLM's files may be there
-too and are not read).  A stream takes speech tokens (`push_tokens`, as an LLM emits them) instead of text; its
-`SpeechRequest.options` carry the speaker embedding (`embedding`: CosyVoice's flow_embedding, spk_embed_dim
-floats, required), an optional prompt (`prompt_tokens` and `prompt_mel`, [2 x len(prompt_tokens)] rows of 80
-floats: CosyVoice's flow_prompt_speech_token and prompt_speech_feat), the final-chunk mode (`final`: `exact`,
-the default, or `flat`) and the left context (`left_chunks`: -1, the default, attends to every earlier chunk as
-CosyVoice 2 does; L >= 0 to only the L chunks of 25 tokens before each chunk, which makes a chunk's cost and a
-stream's state bounded, and with `final: flat` its utterances limited only by CosyVoice's 300 s of noise, not by the
-engine's `max_seconds`; the model was not trained that way, so its mel is not CosyVoice's).  `flush` ends an utterance (tokens after it start the next one, with the same speaker
-and prompt); `finish` ends the stream.
+A voice is a CosyVoice 2 model directory (`cosyvoice2.yaml`, `flow.pt`, `hift.pt`; the LLM's files may be there too
+and are not read). A stream takes speech tokens (`push_tokens`, as an LLM emits them) instead of text; its
+`SpeechRequest.options` carry the speaker embedding (`embedding`: CosyVoice's flow_embedding, spk_embed_dim floats,
+required), an optional prompt (`prompt_tokens` and `prompt_mel`, [2 x len(prompt_tokens)] rows of 80 floats:
+CosyVoice's flow_prompt_speech_token and prompt_speech_feat), the final-chunk mode (`final`: `exact`, the default,
+or `flat`) and the left context (`left_chunks`: -1, the default, attends to every earlier chunk as CosyVoice 2 does;
+L >= 0 to only the L chunks of 25 tokens before each chunk, which makes a chunk's cost and a stream's state bounded,
+and with `final: flat` its utterances limited only by CosyVoice's 300 s of noise, not by the engine's `max_seconds`;
+the model was not trained that way, so its mel is not CosyVoice's). `flush` ends an utterance (tokens after it start
+the next one, with the same speaker and prompt); `finish` ends the stream.
 
 Each utterance goes out on CosyVoice's hop schedule (`HopSchedule`, per stream), its mel computed by the cached
 `FlowStreamer` (all streams of the engine in one batch, the CFG pair included; an exact final is CosyVoice's
@@ -64,9 +64,10 @@ class CosyVoice2Voice(Voice):
                             "prompt_tokens": {"max": self.cfg.vocab_size - 1, "default": []},
                             "prompt_mel": {"rows": "2 x len(prompt_tokens)", "columns": self.cfg.output_size},
                             "final": {"values": list(FINAL_MODES), "default": DEFAULT_FINAL},
-                            "left_chunks": {"default": FULL_LEFT, "min": FULL_LEFT, "chunk_tokens": self.cfg.encoder.static_chunk_size,
-                                            "note": "-1: every earlier chunk (CosyVoice 2's); L: only L chunks before each "
-                                                    "(bounded cost and state, not CosyVoice's output)"}}}
+                            "left_chunks": {"default": FULL_LEFT, "min": FULL_LEFT,
+                                            "chunk_tokens": self.cfg.encoder.static_chunk_size,
+                                            "note": "-1: every earlier chunk (CosyVoice 2's); L: only L chunks before "
+                                                    "each (bounded cost and state, not CosyVoice's output)"}}}
 
     def make_engine(self, *, slots: int | None = None, memory_budget: int | None = None,
                     name: str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS) -> "CosyVoiceEngine":
@@ -290,8 +291,9 @@ class CosyVoiceEngine(TtsEngine):
         left = settings["left_chunks"]
         most = self.streamer.max_left_chunks(len(settings["prompt_tokens"]))
         if left is not None and left > most:
-            raise UnsupportedOption(f"options.left_chunks: at most {most} with this engine ({self.max_frames / MEL_FRAME_RATE:g} s "
-                                    f"per slot) and a prompt of {len(settings['prompt_tokens'])} tokens; -1 for all")
+            raise UnsupportedOption(f"options.left_chunks: at most {most} with this engine "
+                                    f"({self.max_frames / MEL_FRAME_RATE:g} s per slot) and a prompt of "
+                                    f"{len(settings['prompt_tokens'])} tokens; -1 for all")
         stream = CosyVoiceStream(self, request, settings)
         stream.flow = self.streamer.open(settings["embedding"], settings["prompt_feat"], left)
         return stream
