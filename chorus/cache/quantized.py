@@ -47,7 +47,7 @@ def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of the last dim: x [..., C] -> (q int8 [..., C], scale float32 [...])."""
     x = x.float()
-    scale = _round_scale(torch.linalg.vector_norm(x, float("inf"), dim=-1) / QMAX, TOKEN_SCALE_DTYPE)
+    scale = _round_scale(x.abs().amax(dim=-1) / QMAX, TOKEN_SCALE_DTYPE)
     q = torch.div(x, scale[..., None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
@@ -100,12 +100,12 @@ class Int8TokenRing:
         self.s = scale.view(slots * layers * rows)
         self.step, self.width = step, width
 
-    def read(self, layer: int) -> torch.Tensor:
-        """The history [B, H, C] float32 in time order."""
+    def read(self, layer: int, out: torch.Tensor) -> None:
+        """The history, dequantized into out [B, H, C] (any float dtype, may be a strided view), in time order."""
         st = self.step
         rows = st.read_rows + layer * st.rows_per_layer
-        return (self.q.index_select(0, rows).float() * self.s.index_select(0, rows)[:, None]).view(
-            st.batch, st.history, self.width)
+        torch.mul(self.q.index_select(0, rows).float().view(st.batch, st.history, self.width),
+                  self.s.index_select(0, rows).view(st.batch, st.history, 1), out=out)
 
     def write(self, layer: int, new: torch.Tensor) -> None:
         """Store new [B, T, C]: each stream's last min(T, H) real frames (padded ones are not stored)."""
@@ -138,8 +138,11 @@ class Int8ChannelRing:
         self.s_layer = n_groups
         self.read_srows = (self.s_base + torch.remainder(
             torch.div(step.read_pos, g, rounding_mode="floor"), n_groups)).reshape(-1)
-        # the groups this chunk touches: g0 = first_pos // G and the next ones up to the chunk's end
-        touched = 1 + -(-(t - 1) // g) if t > 0 else 0
+        # the groups this chunk touches: g0 = first_pos // G and the next ones up to the chunk's end; the
+        # step's one host read of the ring (a shape): chunks aligned to the groups (a [70, 6] model's 7 frames
+        # in groups of 35) touch one group, not the two the longest chunk could
+        span = (torch.remainder(step.first_pos, g) + step.valid.clamp(min=1) - 1).max() if b else 0
+        touched = min(1 + int(span) // g, 1 + -(-(t - 1) // g)) if t > 0 else 0
         if touched * g > rows:
             raise ValueError(f"groups of {g} frames: a chunk of {t} touches {touched} groups, "
                              f"more than a ring of {rows} rows")
@@ -155,12 +158,13 @@ class Int8ChannelRing:
         self.group_srows = (self.s_base + torch.remainder(gid, n_groups)).reshape(-1)
         self.touched = touched
 
-    def read(self, layer: int) -> torch.Tensor:
+    def read(self, layer: int, out: torch.Tensor) -> None:
         st = self.step
         rows = st.read_rows + layer * st.rows_per_layer
         srows = self.read_srows + layer * self.s_layer
-        return (self.q.index_select(0, rows).float() * self.s.index_select(0, srows).float()).view(
-            st.batch, st.history, self.width)
+        shape = (st.batch, st.history, self.width)
+        torch.mul(self.q.index_select(0, rows).float().view(shape), self.s.index_select(0, srows).float().view(shape),
+                  out=out)
 
     def write(self, layer: int, new: torch.Tensor) -> None:
         st, ng, g, c = self.step, self.touched, self.group, self.width
@@ -197,8 +201,8 @@ class Int8KVWindow:
         b, t, _ = new.shape
         h, d = self.step.history, self.d
         out = torch.empty(b, h + t, 2 * d, dtype=new.dtype, device=new.device)
-        out[:, :h, :d] = self.k.read(layer)
-        out[:, :h, d:] = self.v.read(layer)
+        self.k.read(layer, out[:, :h, :d])
+        self.v.read(layer, out[:, :h, d:])
         out[:, h:] = new
         self.k.write(layer, new[..., :d])
         self.v.write(layer, new[..., d:])
@@ -217,7 +221,7 @@ class Int8FrameWindow:
         b, t, c = new.shape
         h = self.step.history
         out = torch.empty(b, h + t, c, dtype=new.dtype, device=new.device)
-        out[:, :h] = self.ring.read(layer)
+        self.ring.read(layer, out[:, :h])
         out[:, h:] = new
         self.ring.write(layer, new)
         return out
