@@ -1,6 +1,6 @@
 """int8 K/V state in KIVI's layout: keys per channel (one scale per channel per group of time steps),
 values (and other per-frame state) per token.  Dequantized on read, in a few whole-batch tensor ops per
-layer and no host reads.
+layer; no per-layer host reads (a ring step reads one shape per step: how many key groups its chunks reach).
 
 KIVI (Liu et al. 2024) observed that keys have outlier *channels* and values do not, so keys are
 quantized per channel over a group of tokens and values per token.  Two stores here:
