@@ -170,7 +170,8 @@ class ConvSubsampling(nn.Module):
         return causal_conv_length(length, self.stages)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, feat] -> [B, T', d_model]."""
+        """x [B, T, feat] -> [B, T', d_model], computed in the dtype of this module's weights."""
+        x = x.to(self.conv[0].weight.dtype)
         if not torch.is_grad_enabled():
             return self.infer(x, lengths)
         x = x.unsqueeze(1)
@@ -523,7 +524,8 @@ class ConformerEncoder(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole utterances: mel [B, feat, T] -> encoded [B, T', d], lengths [B]."""
         context = tuple(context or self.cfg.att_context_size[0])
-        x, lengths = self.pre_encode(mel.transpose(1, 2).to(self.compute_dtype), lengths)
+        x, lengths = self.pre_encode(mel.transpose(1, 2), lengths)
+        x = x.to(self.compute_dtype)
         x, pos_emb = self.pos_enc(x)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         valid = pos < lengths[:, None]

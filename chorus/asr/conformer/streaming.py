@@ -229,7 +229,8 @@ class ConformerStreamer:
         full = torch.cat([mel_cache, padded], dim=1)
         pos = torch.arange(full.shape[1], device=dev)[None, :] + (cache_frames - history)[:, None]
         x = full.gather(1, pos.clamp(max=full.shape[1] - 1)[:, :, None].expand(-1, -1, full.shape[2]))
-        sub, sub_len = model.encoder.pre_encode(x.to(model.encoder.compute_dtype), history + chunk_len)
+        sub, sub_len = model.encoder.pre_encode(x, history + chunk_len)
+        sub = sub.to(model.encoder.compute_dtype)
 
         # Outputs before `drop` were emitted by earlier steps (NeMo drops 2 with a full cache).
         drop_full = 1 + (cache_frames - 1) // enc_cfg.subsampling_factor
