@@ -558,18 +558,7 @@ def compare_with_nemo(args, model, eng, setting, audio, streams, autocast, chunk
         t0 = time.perf_counter()
         save_fastconformer(model_path, model.float().cpu(), synthetic_tokenizer(1024, args.seed))
         print(f"  saved the model as {Path(model_path).name} for NeMo ({time.perf_counter() - t0:.1f} s)")
-        cmd = [args.nemo_python, str(REPO / "bench" / "nemo_reference.py"), "bench-stream", model_path,
-               "--audio", wav, "--streams", ",".join(map(str, streams)), "--seconds", str(args.seconds),
-               "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
-               "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes", ",".join(modes),
-               "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
-        print("  $ " + " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
-        raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
-    nemo = json.loads(line[len("BENCH_JSON "):])
+        nemo = nemo_bench_stream(args, model_path, wav, streams, modes)
     out["nemo"] = nemo
     print(f"\n## chorus vs NeMo {nemo['nemo_version']} (conformer_stream_step, greedy_batch), synchronized workload, "
           f"{args.seconds:g} s per stream, median of {args.repeats}, threads chorus {torch.get_num_threads()} / "
@@ -594,6 +583,24 @@ def compare_with_nemo(args, model, eng, setting, audio, streams, autocast, chunk
                 print(f"  (note: audio seconds differ: chorus {c_audio:.1f}, NeMo {m['audio_seconds']:.1f})")
     print(f"(NeMo peak RSS {nemo['peak_rss_mib']:.0f} MiB)")
     return out
+
+
+
+def nemo_bench_stream(args, model_path: str, wav: str, streams: list[int], modes: list[str]) -> dict:
+    """NeMo's own conformer_stream_step on the same .nemo and synchronized workload, run in its venv
+    (`nemo_reference.py bench-stream`); its BENCH_JSON report."""
+    cmd = [args.nemo_python, str(REPO / "bench" / "nemo_reference.py"), "bench-stream", model_path,
+           "--audio", wav, "--streams", ",".join(map(str, streams)), "--seconds", str(args.seconds),
+           "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
+           "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes", ",".join(modes),
+           "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
+    print("  $ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
+        raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
+    return json.loads(line[len("BENCH_JSON "):])
 
 
 if __name__ == "__main__":

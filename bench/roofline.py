@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -178,18 +177,7 @@ def main() -> int:
 
 def run_nemo(args, nemo_path: str, wav: str, n: int, modes: list[str]) -> dict:
     """NeMo's own conformer_stream_step on the same .nemo and workload, in its venv, for n streams."""
-    cmd = [args.nemo_python, str(HERE / "nemo_reference.py"), "bench-stream", nemo_path,
-           "--audio", wav, "--streams", str(n), "--seconds", str(args.seconds),
-           "--repeats", str(args.repeats), "--threads", str(torch.get_num_threads()),
-           "--offset-step", str(args.offset_step), "--att-context-size", "70", "6", "--modes",
-           ",".join(modes), "--noise-threshold", str(args.noise_threshold), "--retries", str(args.retries)]
-    print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n")
-        raise SystemExit(f"NeMo bench-stream failed with exit status {proc.returncode}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")][-1]
-    result = json.loads(line[len("BENCH_JSON "):])
+    result = cs.nemo_bench_stream(args, nemo_path, wav, [n], modes)
     for mode in modes:
         r = result["results"][str(n)][mode]
         print(f"  NeMo fp32 {n:3d} streams {mode:7s} {r['wall']:7.2f} s  "
