@@ -1,0 +1,81 @@
+"""Inference products with the weight reordered once into oneDNN's blocked layout.
+
+`F.linear` on CPU hands the weight to the GEMM as it is stored, and the GEMM re-blocks it on every call.
+A streaming step has few rows (7 frames per stream), so for it that work and the unblocked small-row kernel
+cost more than the arithmetic: on the real-size FastConformer at 1 stream the encoder's products ran ~25-30 %
+faster with the weights packed once (fp32 and bf16), and bf16 at 16 streams ~25 % faster
+(bench/README.md, "Packed weights").  Above `PACKED_MAX_ROWS` rows the plain path is as fast or faster
+(torch's own bf16 kernel won at 448 rows), so large batches keep it.
+
+The packed copy is a second copy of each weight (the module keeps its parameters for training, state_dict and
+large batches): at the real size that is +461 MB in fp32, +230 MB in bf16.  Results equal F.linear's up to
+the order of the sums (~1e-6 relative in fp32).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACKED_MAX_ROWS = 256
+_ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
+_MAX_ENTRIES = 16  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
+
+
+class PackedWeights:
+    """A module's packed weights, keyed by the weight tensor itself (held, so its id stays its own) and
+    rebuilt when that tensor changes in place.  Never copied or pickled: oneDNN's opaque tensors have no
+    storage, and a copy of a module must pack its own weights."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}
+
+    def __deepcopy__(self, memo) -> "PackedWeights":
+        return PackedWeights()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.entries = {}
+
+    def get(self, weight: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The packed `weight`; `key` is the tensor it is a view of (a view shares its version counter)."""
+        # The version counts in-place writes; `.data =` (what Module.to does) changes the pointer instead.
+        stamp = (key._version, key.data_ptr(), key.dtype, weight.data_ptr(), weight.dtype)
+        entry = self.entries.get(id(key))
+        if entry is None or entry[0] is not key or entry[1] != stamp:
+            if len(self.entries) >= _MAX_ENTRIES:
+                self.entries.clear()
+            entry = (key, stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT))
+            self.entries[id(key)] = entry
+        return entry[2]
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and (bias is None or bias.dtype == x.dtype) and weight.dim() == 2 and weight.layout == torch.strided
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and x.numel() // max(x.shape[-1], 1) <= PACKED_MAX_ROWS
+            and x.numel() > 0)
+
+
+def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None, key: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); at inference on CPU with few rows, through a packed copy of `weight`
+    cached on `owner` (under `key`, the parameter `weight` is a view of, when it is one: a Conv1d's
+    squeezed kernel).  Training, autograd, autocast and other devices take F.linear itself."""
+    if not _packable(x, weight, bias):
+        return F.linear(x, weight, bias)
+    cache = owner.__dict__.get("_packed_weights")
+    if cache is None:
+        cache = owner.__dict__["_packed_weights"] = PackedWeights()
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), cache.get(weight, weight if key is None else key), bias, "none", [], "")
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for an nn.Linear through `packed_linear`; any other module (the int8 products) is called."""
+    if type(module) is nn.Linear:
+        return packed_linear(module, x, module.weight, module.bias)
+    return module(x)
