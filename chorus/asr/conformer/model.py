@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed_linear import linear, packed_linear
+from ..packed_linear import linear, linear_silu, packed_linear
 
 MASK_VALUE = 10000.0  # NeMo's INF_VAL: masked scores are set to -10000, not -inf
 
@@ -225,9 +225,9 @@ def _conv_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     (kt, kf), (st, sf) = conv.kernel_size, conv.stride
     patches = F.pad(x[:, 0], (pad, pad, pad, pad)).unfold(1, kt, st).unfold(2, kf, sf)  # [B, T', F', kt, kf]
     b, t, f = patches.shape[:3]
-    y = torch.matmul(patches.reshape(-1, kt * kf), conv.weight.view(conv.out_channels, -1).t())
-    if conv.bias is not None:
-        y.add_(conv.bias)
+    w = conv.weight.view(conv.out_channels, -1).t()
+    patches = patches.reshape(-1, kt * kf)
+    y = torch.mm(patches, w) if conv.bias is None else torch.addmm(conv.bias, patches, w)
     return y.view(b, t, f, conv.out_channels).permute(0, 3, 1, 2)
 
 
@@ -302,18 +302,23 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_v = pos_bias_v
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
-    def project_positions(self, pos_emb: torch.Tensor) -> torch.Tensor:
-        """linear_pos(pos_emb).  At inference it depends only on the length and the weights, which
-        are the same every streaming step, so it is computed once per length."""
+    def project_positions(self, pos_emb: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """linear_pos(pos_emb) [B, P, d], or with `per_head` (a shared pos_emb, B = 1) laid out [H, d_k, P] for
+        the score product.  At inference it depends only on the length and the weights, which are the same
+        every streaming step, so it is computed (and laid out) once per length."""
+        def project():
+            p = self.linear_pos(pos_emb)
+            return p[0].view(-1, self.h, self.d_k).permute(1, 2, 0).contiguous() if per_head else p
+
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(pos_emb.device.type):
-            return self.linear_pos(pos_emb)
+            return project()
         w = self.linear_pos.weight
-        key = (tuple(pos_emb.shape), pos_emb.dtype, pos_emb.device, w.data_ptr(), w._version)
+        key = (tuple(pos_emb.shape), pos_emb.dtype, pos_emb.device, w.data_ptr(), w._version, per_head)
         cached = self._pos_cache.get(key)
         if cached is None:
             if len(self._pos_cache) >= 8:
                 self._pos_cache.clear()
-            cached = self._pos_cache[key] = self.linear_pos(pos_emb)
+            cached = self._pos_cache[key] = project()
         return cached
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,11 +380,11 @@ class RelPositionMultiHeadAttention(nn.Module):
         same for every stream, so all queries of a head go through one product with them, instead of a
         batched product that first copies p once per stream (which cost more than the product)."""
         b, t = q_v.shape[:2]
-        p = self.project_positions(pos_emb)
-        if p.shape[0] != 1:
+        if pos_emb.shape[0] != 1:
+            p = self.project_positions(pos_emb)
             p = p.view(p.shape[0], -1, self.h, self.d_k).transpose(1, 2)
             return torch.matmul(q_v.transpose(1, 2), p.transpose(-2, -1))
-        p = p[0].view(-1, self.h, self.d_k).permute(1, 2, 0)                      # [H, d_k, P]
+        p = self.project_positions(pos_emb, per_head=True)                                  # [H, d_k, P]
         scores = torch.matmul(q_v.permute(2, 0, 1, 3).reshape(self.h, b * t, self.d_k), p)  # [H, B*T, P]
         return scores.view(self.h, b, t, -1).transpose(0, 1)
 
@@ -409,7 +414,7 @@ class ConformerFeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.linear2, self.dropout(F.silu(linear(self.linear1, x))))
+        return linear(self.linear2, self.dropout(linear_silu(self.linear1, x)))
 
 
 class ConformerConvolution(nn.Module):
