@@ -41,37 +41,39 @@ def test_packed_bf16_close_to_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-def test_training_and_large_batches_take_f_linear():
+def test_training_and_other_batch_sizes_take_f_linear():
     lin = _lin()
     x = torch.randn(1, 7, 96)
     y = pl.linear(lin, x)  # grad enabled: the plain product, with autograd
     assert y.grad_fn is not None and "_packed_weights" not in lin.__dict__
     with torch.no_grad():
-        big = torch.randn(pl.PACKED_MAX_ROWS + 1, 96)
-        assert torch.equal(pl.linear(lin, big), F.linear(big, lin.weight, lin.bias))
+        for rows in (pl.PACKED_MIN_ROWS - 1, pl.PACKED_MAX_ROWS + 1):
+            x = torch.randn(rows, 96)
+            assert torch.equal(pl.linear(lin, x), F.linear(x, lin.weight, lin.bias))
     assert "_packed_weights" not in lin.__dict__
 
 
 def test_weight_changes_are_seen():
     lin = _lin()
-    x = torch.randn(3, 96)
+    x = torch.randn(5, 96)
     with torch.no_grad():
         before = pl.linear(lin, x)
+        assert "_packed_weights" in lin.__dict__
         lin.weight.mul_(2.0)  # in place: a new version
         after = pl.linear(lin, x)
         assert torch.allclose(after - lin.bias, 2 * (before - lin.bias), rtol=1e-5, atol=1e-5)
         lin.weight.data = torch.zeros_like(lin.weight)  # a new tensor under the same Parameter
-        assert torch.allclose(pl.linear(lin, x), lin.bias.expand(3, -1))
+        assert torch.allclose(pl.linear(lin, x), lin.bias.expand(5, -1))
 
 
 def test_copies_pack_their_own_weights():
     lin = _lin()
-    x = torch.randn(3, 96)
+    x = torch.randn(5, 96)
     with torch.no_grad():
         pl.linear(lin, x)
         twin = copy.deepcopy(lin)
         twin.weight.zero_()
-        assert torch.allclose(pl.linear(twin, x), twin.bias.expand(3, -1))
+        assert torch.allclose(pl.linear(twin, x), twin.bias.expand(5, -1))
         assert torch.allclose(pl.linear(lin, x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         back = pickle.loads(pickle.dumps(lin))
         assert torch.allclose(pl.linear(back, x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -1,11 +1,10 @@
 """Inference products with the weight reordered once into oneDNN's blocked layout.
 
-`F.linear` on CPU hands the weight to the GEMM as it is stored, and the GEMM re-blocks it on every call.
-A streaming step has few rows (7 frames per stream), so for it that work and the unblocked small-row kernel
-cost more than the arithmetic: on the real-size FastConformer at 1 stream the encoder's products ran ~25-30 %
-faster with the weights packed once (fp32 and bf16), and bf16 at 16 streams ~25 % faster
-(bench/README.md, "Packed weights").  Above `PACKED_MAX_ROWS` rows the plain path is as fast or faster
-(torch's own bf16 kernel won at 448 rows), so large batches keep it.
+`F.linear` on CPU hands the weight to the GEMM as it is stored.  A streaming step has few rows (7 frames per
+stream), and for few rows that kernel runs far below the memory bound; oneDNN's kernel over a weight reordered
+once into its blocked layout ran the real-size FastConformer's products 1.5-2x faster at 7-224 rows in fp32 and
+bf16 (bench/README.md, "Packed weights").  Outside `PACKED_MIN_ROWS`..`PACKED_MAX_ROWS` rows the plain path is as
+fast or faster (MKL's matrix-vector kernel below 4 rows, torch's own bf16 kernel at 448), so it is kept there.
 
 The packed copy is a second copy of each weight (the module keeps its parameters for training, state_dict and
 large batches): at the real size that is +461 MB in fp32, +230 MB in bf16.  Results equal F.linear's up to
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PACKED_MIN_ROWS = 4  # below, F.linear's matrix-vector path is faster (fp32, measured: bench/packed_linear.py)
 PACKED_MAX_ROWS = 256
 _ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
 _MAX_ENTRIES = 16  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
@@ -57,8 +57,8 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or bias.dtype == x.dtype) and weight.dim() == 2 and weight.layout == torch.strided
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and x.numel() // max(x.shape[-1], 1) <= PACKED_MAX_ROWS
-            and x.numel() > 0)
+            and not torch.is_autocast_enabled("cpu")
+            and PACKED_MIN_ROWS <= x.numel() // max(x.shape[-1], 1) <= PACKED_MAX_ROWS)
 
 
 def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,

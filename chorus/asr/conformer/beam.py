@@ -69,7 +69,7 @@ class Hyp:
     key: int                       # equal for equal label sequences: hash of (parent key, token)
     score: float
     pred_out: torch.Tensor         # predictor output after the last label [H]
-    pred_proj: torch.Tensor        # joint.pred(pred_out) [J]
+    pred_proj: torch.Tensor        # joint.project_prediction(pred_out) [J]
     state: tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each [layers, H]
     lm_context: tuple[int, ...]
 
@@ -92,7 +92,7 @@ class RnntBeamSearch:
     @torch.no_grad()
     def start(self, pred_out: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> list[Hyp]:
         """One empty hypothesis from the predictor's output and state after the start symbol."""
-        return [Hyp(None, EMPTY_KEY, 0.0, pred_out, self.joint.pred(pred_out), state,
+        return [Hyp(None, EMPTY_KEY, 0.0, pred_out, self.joint.project_prediction(pred_out), state,
                     self.lm.start() if self.lm else ())]
 
     @torch.no_grad()
@@ -117,7 +117,7 @@ class RnntBeamSearch:
         a server with many streams pays); the selection stays per stream, so each beam comes out
         as its own `advance` makes it."""
         lengths = [e.shape[0] for e in encoded]
-        enc_proj = self.joint.enc(torch.cat(list(encoded))).split(lengths)
+        enc_proj = self.joint.project_encoder(torch.cat(list(encoded))).split(lengths)
         beams = list(beams)
         for t in range(max(lengths, default=0)):
             live = [i for i, n in enumerate(lengths) if t < n]
@@ -214,7 +214,7 @@ class RnntBeamSearch:
         h = torch.stack([p.state[0] for p in parents], dim=1)
         c = torch.stack([p.state[1] for p in parents], dim=1)
         out, (h, c) = self.predictor.step(labels, (h, c))
-        proj = self.joint.pred(out)
+        proj = self.joint.project_prediction(out)
         return [Hyp(Label(w, frames[b], p.last, p.last.depth + 1 if p.last else 1), hash((p.key, w)), score,
                     out[j], proj[j], (h[:, j], c[:, j]), self.lm.extend(p.lm_context, w) if self.lm else ())
                 for j, (b, p, w, score) in enumerate(chosen)]

@@ -34,8 +34,8 @@ def rnnt_greedy(joint: RNNTJoint, predictor: RNNTPredictor, encoded: torch.Tenso
     """
     b, t_len, _ = encoded.shape
     blank = predictor.blank
-    f = joint.enc(encoded)
-    p = joint.pred(pred_out)
+    f = joint.project_encoder(encoded)
+    p = joint.project_prediction(pred_out)
     h, c = state
     tokens = torch.full((b, t_len, max_symbols), -1, dtype=torch.long, device=encoded.device)
     for t in range(t_len):
@@ -52,7 +52,7 @@ def rnnt_greedy(joint: RNNTJoint, predictor: RNNTPredictor, encoded: torch.Tenso
             h = torch.where(emit[None, :, None], h_new, h)
             c = torch.where(emit[None, :, None], c_new, c)
             pred_out = torch.where(emit[:, None], g_new, pred_out)
-            p = torch.where(emit[:, None], joint.pred(g_new), p)
+            p = torch.where(emit[:, None], joint.project_prediction(g_new), p)
             active = emit
     return tokens, (h, c), pred_out
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..packed_linear import linear, packed_linear
+
 
 class CTCHead(nn.Module):
     """NeMo's ConvASRDecoder: a 1x1 convolution to vocab + blank."""
@@ -20,7 +22,7 @@ class CTCHead(nn.Module):
     def forward(self, encoded: torch.Tensor) -> torch.Tensor:
         """encoded [B, T, d] -> logits [B, T, vocab + 1] (the 1x1 convolution as a matrix product)."""
         conv = self.decoder_layers[0]
-        return torch.nn.functional.linear(encoded, conv.weight.squeeze(-1), conv.bias)
+        return packed_linear(conv, encoded, conv.weight.squeeze(-1), conv.bias, key=conv.weight)
 
 
 class RNNTPredictor(nn.Module):
@@ -52,14 +54,26 @@ class RNNTPredictor(nn.Module):
         x, (h, c) = self.embed(labels), state
         hs, cs = [], []
         for k in range(self.layers):
-            gates = torch.addmm(getattr(lstm, f"bias_ih_l{k}"), x, getattr(lstm, f"weight_ih_l{k}").t())
-            gates = torch.addmm(gates + getattr(lstm, f"bias_hh_l{k}"), h[k], getattr(lstm, f"weight_hh_l{k}").t())
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
+            b_ih, b_hh = getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")
+            if torch.is_grad_enabled():
+                gates = torch.addmm(torch.addmm(b_ih, x, w_ih.t()) + b_hh, h[k], w_hh.t())
+            else:  # one product over [x, h] with both weights side by side (packed once: decoding runs this per label)
+                gates = packed_linear(self, torch.cat([x, h[k]], dim=1), *self._fused_gates(k, w_ih, w_hh, b_ih, b_hh))
             i, f, g, o = gates.chunk(4, dim=1)
             c_k = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(g)
             x = torch.sigmoid(o) * torch.tanh(c_k)
             hs.append(x)
             cs.append(c_k)
         return x, (torch.stack(hs), torch.stack(cs))
+
+    def _fused_gates(self, k, w_ih, w_hh, b_ih, b_hh) -> tuple[torch.Tensor, torch.Tensor]:
+        """[W_ih | W_hh] and b_ih + b_hh of layer k, built once (and again if a weight changes)."""
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in (w_ih, w_hh, b_ih, b_hh))
+        fused = self.__dict__.setdefault("_fused", {})
+        if k not in fused or fused[k][0] != stamp:
+            fused[k] = (stamp, (torch.cat([w_ih, w_hh], dim=1).detach(), (b_ih + b_hh).detach()))
+        return fused[k][1]
 
     def forward(self, targets: torch.Tensor) -> torch.Tensor:
         """Training: targets [B, U] -> predictor outputs [B, U + 1, H] (blank/SOS prepended)."""
@@ -101,6 +115,16 @@ class RNNTJoint(nn.Module):
             [nn.Linear(joint_hidden, vocab_size + 1)]
         self.joint_net = nn.Sequential(*layers)
 
+    def project_encoder(self, encoded: torch.Tensor) -> torch.Tensor:
+        return linear(self.enc, encoded)
+
+    def project_prediction(self, pred_out: torch.Tensor) -> torch.Tensor:
+        return linear(self.pred, pred_out)
+
     def forward(self, enc_proj: torch.Tensor, pred_proj: torch.Tensor) -> torch.Tensor:
         """Projected encoder [..., H] + projected predictor [..., H] -> logits [..., vocab + 1]."""
-        return self.joint_net(enc_proj + pred_proj)
+        *hidden, out = self.joint_net
+        x = enc_proj + pred_proj
+        for layer in hidden:
+            x = layer(x)
+        return linear(out, x)

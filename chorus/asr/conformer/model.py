@@ -172,12 +172,14 @@ class ConvSubsampling(nn.Module):
         return causal_conv_length(length, self.stages)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, feat] -> [B, T', d_model], computed in the dtype of this module's weights."""
+        """x [B, T, feat] -> [B, T', d_model]; each layer computes in the dtype of its weights."""
         x = x.to(self.conv[0].weight.dtype)
         if not torch.is_grad_enabled():
             return self.infer(x, lengths)
         x = x.unsqueeze(1)
         for layer in self.conv:
+            if isinstance(layer, nn.Conv2d):
+                x = x.to(layer.weight.dtype)
             x = x * _time_mask(lengths, x.shape[2]).to(x.dtype)[:, None, :, None]
             x = layer(x)
             if isinstance(layer, nn.Conv2d) and layer.stride[0] > 1:
@@ -197,6 +199,8 @@ class ConvSubsampling(nn.Module):
         if int(lengths.min()) < valid_t:
             x = x.masked_fill(~_time_mask(lengths, valid_t)[:, None, :, None], 0.0)  # a copy: the input stays
         for i, layer in enumerate(self.conv):
+            if isinstance(layer, nn.Conv2d):
+                x = x.to(layer.weight.dtype)  # bf16 keeps only the first convolution in fp32 (precision.py)
             if isinstance(layer, CausalConv2D):
                 if i:
                     x = _zero_beyond(x, lengths, valid_t, valid_f)
@@ -212,7 +216,8 @@ class ConvSubsampling(nn.Module):
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, f = x.shape
-        return linear(self.out, x.transpose(1, 2).reshape(b, t, c * f))
+        out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
+        return linear(self.out, x.transpose(1, 2).reshape(b, t, c * f).to(out_dtype))
 
 
 def _conv_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

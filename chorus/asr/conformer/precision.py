@@ -65,7 +65,7 @@ def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
         raise ValueError(f"the model already computes in {current}; load it again for {dtype}")
     if dtype == "bf16":
         model.encoder.to(torch.bfloat16)
-        model.encoder.pre_encode.float()
+        model.encoder.pre_encode.conv[0].float()
     elif dtype == "int8":
         quantize_encoder_int8(model.encoder)
     model.dtype_name = dtype
