@@ -198,9 +198,11 @@ class ConvSubsampling(nn.Module):
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         if int(lengths.min()) < valid_t:
             x = x.masked_fill(~_time_mask(lengths, valid_t)[:, None, :, None], 0.0)  # a copy: the input stays
+        # Each convolution's output goes on in the next one's dtype (bf16 keeps only the first in fp32,
+        # precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its pass.
+        out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
+        dtypes = [m.weight.dtype for m in self.conv if isinstance(m, nn.Conv2d)][1:] + [out_dtype]
         for i, layer in enumerate(self.conv):
-            if isinstance(layer, nn.Conv2d):
-                x = x.to(layer.weight.dtype)  # bf16 keeps only the first convolution in fp32 (precision.py)
             if isinstance(layer, CausalConv2D):
                 if i:
                     x = _zero_beyond(x, lengths, valid_t, valid_f)
@@ -209,6 +211,8 @@ class ConvSubsampling(nn.Module):
                 valid_t, valid_f = causal_conv_length(valid_t, 1), causal_conv_length(valid_f, 1)
             elif isinstance(layer, nn.Conv2d):  # 1x1: a product over channels (Conv2d takes a slow path at batch 1)
                 x = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias).permute(0, 3, 1, 2)
+            if isinstance(layer, nn.Conv2d):
+                x = x.to(dtypes.pop(0))
             else:
                 x = layer(x)
         x = _zero_beyond(x, lengths, valid_t, valid_f)
@@ -377,7 +381,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias,
                                              dropout_p=self.dropout.p if self.training else 0.0,
                                              scale=1.0 / self.s_d_k)
-        out = out.transpose(1, 2).reshape(b, t, self.h * self.d_k).masked_fill(mask.rows_hidden, 0.0)
+        out = _zero_where(out.transpose(1, 2).reshape(b, t, self.h * self.d_k), mask.rows_hidden)
         return linear(self.linear_out, out)
 
     def position_scores(self, q_v: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
@@ -443,7 +447,7 @@ class ConformerConvolution(nn.Module):
         and returns them after the k-1 cached ones; offline the history is k-1 zeros."""
         # The 1x1 convolutions are matrix products; F.linear avoids Conv1d's slow path at batch 1.
         x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)
-        x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0)
+        x = _zero_where(x, pad_mask.unsqueeze(-1))
         x = F.pad(x, (0, 0, self.cache_size, 0)) if window is None else window.update(layer, x)  # [B, k-1+T, d]
         if torch.is_grad_enabled():
             x = self.depthwise_conv(x.transpose(1, 2)).transpose(1, 2)
@@ -470,6 +474,12 @@ def _depthwise_channels_last(conv: nn.Conv1d, window: torch.Tensor) -> torch.Ten
     for j in range(1, k):
         out.addcmul_(window[:, j:j + t], w[j])
     return out.to(window.dtype)
+
+
+def _zero_where(fresh: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fresh.masked_fill(mask, 0); at inference in place (callers pass a tensor they just made), which saves a
+    copy per call; with autograd a new tensor, since `fresh` may be a view that a backward still needs."""
+    return fresh.masked_fill(mask, 0.0) if torch.is_grad_enabled() else fresh.masked_fill_(mask, 0.0)
 
 
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
