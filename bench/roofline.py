@@ -101,7 +101,16 @@ def main() -> int:
     p.add_argument("--retries", type=int, default=1)
     p.add_argument("--nemo-python", default=None, help="python of the NeMo venv (NeMo fp32 in the same run)")
     p.add_argument("--json", default=None)
+    p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved --json report and exit")
     args = p.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        sargs = saved["argv"]
+        opt = lambda name, default: sargs[sargs.index(name) + 1] if name in sargs else default  # noqa: E731
+        print_table(saved, [int(x) for x in opt("--streams", args.streams).split(",")],
+                    [d for d in opt("--dtypes", args.dtypes).split(",") if d], opt("--modes", args.modes).split(","))
+        return 0
 
     streams = [int(s) for s in args.streams.split(",")]
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -189,28 +198,31 @@ def print_table(report, streams, dtypes, modes) -> None:
     peaks, gflop, nemo = report["peaks"], report["useful_gflop_per_audio_second"], report.get("nemo")
     print(f"\n## chorus fp32/bf16/int8 vs NeMo fp32 ({report['threads']} threads; peak fp32 {peaks['fp32']:.0f}, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s; {gflop:.2f} useful GFLOP per audio s)")
-    print("| streams | mode | run | wall s | audio-s/s | x NeMo fp32 | useful GFLOP/s | of its dtype's peak "
-          "| tokens = NeMo |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| streams | mode | run | wall s | audio-s/s | x NeMo fp32 | x NeMo, best passes | useful GFLOP/s "
+          "| of its dtype's peak | tokens = NeMo |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in streams:
         for mode in modes:
             rows = []
-            nemo_tp = None
+            nemo_tp = nemo_best = None
             if nemo is not None:
                 r = nemo["results"][str(n)][mode]
-                nemo_tp = r["audio_seconds"] / r["wall"]
-                rows.append(("NeMo fp32", r["wall"], nemo_tp, "fp32", None))
+                nemo_tp, nemo_best = r["audio_seconds"] / r["wall"], min(r["walls"])
+                rows.append(("NeMo fp32", r["wall"], nemo_tp, min(r["walls"]), "fp32", None))
             for dtype in dtypes:
                 c = report["chorus"][dtype][str(n)][mode]
-                same = None
-                if nemo is not None and mode != "encoder":
+                same = c.get("tokens_equal")  # a saved report keeps only this
+                if nemo is not None and mode != "encoder" and "token_ids" in c:
                     ids = nemo["results"][str(n)][mode]["token_ids"]
-                    same = "yes" if c["token_ids"] == ids else \
+                    same = c["tokens_equal"] = "yes" if c["token_ids"] == ids else \
                         f"{sum(a == b for a, b in zip(c['token_ids'], ids))}/{len(ids)} streams"
-                rows.append((f"chorus {dtype}", c["wall"], c["throughput"], dtype, same))
-            for name, wall, tp, dtype, same in rows:
+                rows.append((f"chorus {dtype}", c["wall"], c["throughput"], min(c["walls"]), dtype, same))
+            for name, wall, tp, best, dtype, same in rows:
                 ratio = f"x{tp / nemo_tp:.2f}" if nemo_tp else "-"
-                print(f"| {n} | {mode} | {name} | {wall:.2f} | {tp:.2f} | {ratio} | {tp * gflop:.1f} "
+                # Other tenants of a shared host only ever add time (unseen by the in-machine load count), so
+                # the fastest pass of each side is the steadier estimate; both columns are printed.
+                best_ratio = f"x{nemo_best / best:.2f}" if nemo_best else "-"
+                print(f"| {n} | {mode} | {name} | {wall:.2f} | {tp:.2f} | {ratio} | {best_ratio} | {tp * gflop:.1f} "
                       f"| {tp * gflop / peaks[dtype]:.1%} | {same or '-'} |")
 
 

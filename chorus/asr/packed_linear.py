@@ -1,9 +1,10 @@
 """Inference products with the weight reordered once into oneDNN's blocked layout.
 
 `F.linear` on CPU hands the weight to the GEMM as it is stored.  A streaming step has few rows (7 frames per
-stream), and for few rows that kernel runs far below the memory bound; oneDNN's kernel over a weight reordered
-once into its blocked layout ran the real-size FastConformer's products 1.5-2x faster at 7-224 rows in fp32 and
-bf16 (bench/README.md, "Packed weights").  Outside `PACKED_MIN_ROWS`..`PACKED_MAX_ROWS` rows the plain path is as
+stream), and for few rows that kernel runs well below the memory bound; oneDNN's kernel over a weight reordered
+once into its blocked layout ran the real-size FastConformer's encoder products x1.3-1.4 faster at 7 rows (one
+stream) in fp32 and x1.2-1.3 at 7-224 rows in bf16 (bench/README.md, "Packed weights"), and the RNNT label
+loop x1.25 at 16-64 streams.  Outside `PACKED_MIN_ROWS`..`PACKED_MAX_ROWS` rows the plain path is as
 fast or faster (MKL's matrix-vector kernel below 4 rows, torch's own bf16 kernel at 448), so it is kept there.
 
 The packed copy is a second copy of each weight (the module keeps its parameters for training, state_dict and

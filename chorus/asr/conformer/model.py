@@ -463,7 +463,7 @@ class ConformerConvolution(nn.Module):
 def _depthwise_channels_last(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
     """The depthwise convolution over a channels-last window [B, k-1+T, C] -> [B, T, C] as k multiply-adds of
     shifted views, accumulated in fp32 from the bias on, the order oneDNN sums in (equal to `conv` in fp32
-    here).  At inference 1.6-2.4x faster than the grouped convolution at 1-64 streams, with no transposed
+    here).  At inference 1.2-2x faster than the grouped convolution at 1-64 streams, with no transposed
     copies (bench/README.md, "Packed weights")."""
     k = conv.kernel_size[0]
     t = window.shape[1] - k + 1
