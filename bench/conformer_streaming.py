@@ -585,7 +585,6 @@ def compare_with_nemo(args, model, eng, setting, audio, streams, autocast, chunk
     return out
 
 
-
 def nemo_bench_stream(args, model_path: str, wav: str, streams: list[int], modes: list[str]) -> dict:
     """NeMo's own conformer_stream_step on the same .nemo and synchronized workload, run in its venv
     (`nemo_reference.py bench-stream`); its BENCH_JSON report."""
