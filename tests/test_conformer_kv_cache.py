@@ -149,6 +149,34 @@ def test_frame_ring_window_in_time_order_and_padding_to_trash():
         FrameRingWindow(ring, torch.tensor([0]), torch.tensor([0]), 4, torch.tensor([4]), history)
 
 
+@pytest.mark.parametrize("order", [[1, 0], [0, 1]], ids=["gathered", "view"])
+def test_frame_ring_window_in_ring_order_names_each_row(order):
+    """Read as it lies, a ring gives every row of each stream, and key_index names the frame of the
+    time-ordered window each row holds (a view into the pool when the slots are one ascending run)."""
+    torch.manual_seed(0)
+    rows, history, width, t = 7, 4, 3, 3
+    ring_time, ring_lies = torch.zeros(2, 2, rows + 1, width), torch.zeros(2, 2, rows + 1, width)
+    idx = torch.tensor(order)
+    first = torch.tensor([0, 0])
+    for step in range(6):
+        valid = torch.tensor([3, 1 if step % 2 else 3])
+        timed = FrameRingWindow(ring_time, idx, first, t, valid, history)
+        lies = FrameRingWindow(ring_lies, idx, first, t, valid, history, in_ring_order=True,
+                               first_slot=0 if order == [0, 1] else None)
+        new = torch.randn(2, t, width)
+        for layer in range(2):
+            want, got = timed.update(layer, new + layer), lies.update(layer, new + layer)
+            assert got.shape == (2, rows, width)
+            assert (got.data_ptr() == ring_lies[0, layer].data_ptr()) == (order == [0, 1])
+            for b in range(2):
+                for r in range(rows):
+                    j = int(lies.key_index[b, r])
+                    if j < history + t:
+                        assert torch.equal(got[b, r], want[b, j])
+        first = first + valid
+    assert set(lies.key_index[0].tolist()) == set(range(rows))
+
+
 def test_sdpa_attention_matches_nemo_softmax_with_padding():
     """The SDPA form gives NeMo's explicit attention, padded (all-hidden) query rows included."""
     model = tiny_model(seed=4)

@@ -4,8 +4,10 @@
 stream), and for few rows that kernel runs well below the memory bound; oneDNN's kernel over a weight reordered
 once into its blocked layout ran the real-size FastConformer's encoder products x1.3-1.4 faster at 7 rows (one
 stream) in fp32 and x1.2-1.3 at 7-224 rows in bf16 (bench/README.md, "Packed weights"), and the RNNT label
-loop x1.25 at 16-64 streams.  Outside `PACKED_MIN_ROWS`..`PACKED_MAX_ROWS` rows the plain path is as
-fast or faster (MKL's matrix-vector kernel below 4 rows, torch's own bf16 kernel at 448), so it is kept there.
+loop x1.25 at 16-64 streams.  Below `PACKED_MIN_ROWS` rows MKL's matrix-vector kernel is as fast, so it is
+kept there.  Above `PACKED_BLOCK_ROWS` rows (37+ streams) one packed call ran no faster than the plain path,
+but blocks of at most that many rows did (a 64-stream step x1.02 fp32, x1.04 bf16, which also saves the plain
+path's copy of the bias into its output), so larger products go through in blocks.
 
 The packed copy is a second copy of each weight (the module keeps its parameters for training, state_dict and
 large batches): at the real size that is +461 MB in fp32, +230 MB in bf16.  Results equal F.linear's up to
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PACKED_MIN_ROWS = 4  # below, F.linear's matrix-vector path is faster (fp32, measured: bench/packed_linear.py)
-PACKED_MAX_ROWS = 256
+PACKED_BLOCK_ROWS = 256  # larger products run in balanced blocks of at most this many rows
 _ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
 _MAX_ENTRIES = 16  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
 
@@ -59,7 +61,22 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and (bias is None or bias.dtype == x.dtype) and weight.dim() == 2 and weight.layout == torch.strided
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu")
-            and PACKED_MIN_ROWS <= x.numel() // max(x.shape[-1], 1) <= PACKED_MAX_ROWS)
+            and PACKED_MIN_ROWS <= x.numel() // max(x.shape[-1], 1))
+
+
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, post: str) -> torch.Tensor:
+    """x [..., in] through the packed weight, with oneDNN's post-op `post`; in blocks of rows when large."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= PACKED_BLOCK_ROWS:
+        return _linear_pointwise(x.contiguous(), packed, bias, post, [], "")
+    flat = x.reshape(rows, x.shape[-1])
+    blocks = -(-rows // PACKED_BLOCK_ROWS)
+    size = -(-rows // blocks)
+    out = torch.cat([_linear_pointwise(flat[s:s + size], packed, bias, post, [], "") for s in range(0, rows, size)])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
@@ -70,7 +87,7 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     if not _packable(x, weight, bias):
         return F.linear(x, weight, bias)
     packed = _cache_of(owner).get(weight, weight if key is None else key)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return _packed_product(x, packed, bias, "none")
 
 
 def _cache_of(owner: nn.Module) -> PackedWeights:
@@ -86,7 +103,7 @@ def linear_silu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     approximation (~4e-5 off here) that would move the fp32 path away from NeMo's."""
     if type(module) is nn.Linear and x.dtype == torch.bfloat16 and _packable(x, module.weight, module.bias):
         packed = _cache_of(module).get(module.weight, module.weight)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, module.bias, "swish", [], "")
+        return _packed_product(x, packed, module.bias, "swish")
     y = linear(module, x)
     return F.silu(y, inplace=not torch.is_grad_enabled())
 

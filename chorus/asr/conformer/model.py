@@ -202,16 +202,25 @@ class ConvSubsampling(nn.Module):
         # precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its pass.
         out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
         dtypes = [m.weight.dtype for m in self.conv if isinstance(m, nn.Conv2d)][1:] + [out_dtype]
+        fused_relu = False  # the first convolution applied the ReLU after it already
         for i, layer in enumerate(self.conv):
+            if fused_relu:
+                fused_relu = False
+                continue
             if isinstance(layer, CausalConv2D):
                 if i:
                     x = _zero_beyond(x, lengths, valid_t, valid_f)
-                x = _conv_channels_last(x, layer)
+                if layer.in_channels == 1 and i + 1 < len(self.conv) and isinstance(self.conv[i + 1], nn.ReLU):
+                    x, fused_relu = _first_conv_relu(x, layer, dtypes.pop(0)), True
+                else:
+                    x = _conv_channels_last(x, layer)
                 lengths = causal_conv_length(lengths, 1)
                 valid_t, valid_f = causal_conv_length(valid_t, 1), causal_conv_length(valid_f, 1)
             elif isinstance(layer, nn.Conv2d):  # 1x1: a product over channels (Conv2d takes a slow path at batch 1)
                 x = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias).permute(0, 3, 1, 2)
-            if isinstance(layer, nn.Conv2d):
+            if fused_relu:
+                pass
+            elif isinstance(layer, nn.Conv2d):
                 x = x.to(dtypes.pop(0))
             else:
                 x = layer(x)
@@ -238,6 +247,30 @@ def _conv_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     patches = patches.reshape(-1, kt * kf)
     y = torch.mm(patches, w) if conv.bias is None else torch.addmm(conv.bias, patches, w)
     return y.view(b, t, f, conv.out_channels).permute(0, 3, 1, 2)
+
+
+_FIRST_CONV_BLOCK_ROWS = 2048  # fp32 rows of 256 channels: 2 MB, one core's L2
+
+
+def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -> torch.Tensor:
+    """relu(conv(x)) in `out_dtype` for the one-input-channel first convolution, channels-last out: what
+    `_conv_channels_last` and the ReLU after it give, cast (ReLU commutes with rounding).  Its output is
+    the largest tensor of a step (256 channels per mel bin: 90 MB fp32 at 64 streams), and written whole
+    it went to memory and back four times (the bias copied in, the product added, the cast, the ReLU);
+    here each block of streams is computed, rectified and cast while it is in cache, straight into the
+    output.  A block holds whole streams, so a stream's result does not depend on its batch."""
+    pad = conv.kernel_size[0] - 1
+    (kt, kf), (st, sf) = conv.kernel_size, conv.stride
+    patches = F.pad(x[:, 0], (pad, pad, pad, pad)).unfold(1, kt, st).unfold(2, kf, sf)  # [B, T', F', kt, kf]
+    b, t, f = patches.shape[:3]
+    w = conv.weight.view(conv.out_channels, -1).t()
+    out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype, device=x.device)
+    step = max(1, _FIRST_CONV_BLOCK_ROWS // (t * f))
+    for s in range(0, b, step):
+        p = patches[s:s + step].reshape(-1, kt * kf)
+        y = torch.mm(p, w) if conv.bias is None else torch.addmm(conv.bias, p, w)
+        out[s:s + step].view(-1, conv.out_channels).copy_(y.clamp_min_(0.0))
+    return out.permute(0, 3, 1, 2)
 
 
 def _zero_beyond(x: torch.Tensor, lengths: torch.Tensor, valid_t: int, valid_f: int) -> torch.Tensor:
@@ -375,7 +408,11 @@ class RelPositionMultiHeadAttention(nn.Module):
         k = k.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         v = v.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
-        matrix_bd = self.rel_shift(self.position_scores(q + self.pos_bias_v, pos_emb))[..., :s]
+        scores = self.position_scores(q + self.pos_bias_v, pos_emb)
+        if mask.positions is None:  # keys in time order
+            matrix_bd = self.rel_shift(scores)[..., :s]
+        else:  # keys in the order of a ring (streaming): each key's relative position picked out
+            matrix_bd = scores.gather(-1, mask.positions.expand(b, self.h, t, s))
         bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
         # The fused kernel reads k and v as strided views of the ring window: no per-head copies.
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias,
@@ -401,15 +438,18 @@ class RelPositionMultiHeadAttention(nn.Module):
 @dataclass
 class AttentionMask:
     """NeMo's boolean streaming mask in the forms attention uses: an additive bias [B, 1, T, S]
-    (0 visible, -10000 hidden) and the query rows that see no key at all [B, T, 1]."""
+    (0 visible, -10000 hidden) and the query rows that see no key at all [B, T, 1].  `positions`
+    [B, 1, T, S], when the keys are not in time order (a ring read as it lies), is the index of each
+    query-key pair's relative position in the positional scores; None for keys in time order."""
 
     bias: torch.Tensor
     rows_hidden: torch.Tensor
+    positions: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, dtype: torch.dtype) -> "AttentionMask":
+    def of(cls, hidden: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> "AttentionMask":
         bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, -MASK_VALUE)
-        return cls(bias.unsqueeze(1), hidden.all(dim=-1, keepdim=True))
+        return cls(bias.unsqueeze(1), hidden.all(dim=-1, keepdim=True), positions)
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,12 +508,13 @@ def _depthwise_channels_last(conv: nn.Conv1d, window: torch.Tensor) -> torch.Ten
     k = conv.kernel_size[0]
     t = window.shape[1] - k + 1
     w = conv.weight[:, 0].t().float().contiguous()  # [k, C]
+    dtype, window = window.dtype, window.float()  # cast once, not in each multiply-add (bf16)
     first = window[:, :t]
     out = first * w[0] if conv.bias is None else torch.addcmul(conv.bias.float(), first, w[0])
     out = out.float()
     for j in range(1, k):
         out.addcmul_(window[:, j:j + t], w[j])
-    return out.to(window.dtype)
+    return out.to(dtype)
 
 
 def _zero_where(fresh: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -538,6 +579,14 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_valid: torch.Tens
     return ~visible
 
 
+def _rel_shift_index(t: int, width: int, device) -> torch.Tensor:
+    """[t, width]: for query i and key j (in time order) the index into the 2*width - 1 relative positions
+    that `rel_shift` moves to column j: rel_shift applied to the indices themselves."""
+    p = 2 * width - 1
+    index = torch.arange(p, device=device).expand(1, 1, t, p)
+    return RelPositionMultiHeadAttention.rel_shift(index)[0, 0, :, :width]
+
+
 class ConformerEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -592,11 +641,20 @@ class ConformerEncoder(nn.Module):
         b, t, _ = x.shape
         x, pos_emb = self.pos_enc(x, cache_len=cache_len)
         q_pos = frames_done[:, None] + torch.arange(t, device=x.device)[None, :]
-        k_pos = frames_done[:, None] + torch.arange(-cache_len, t, device=x.device)[None, :]
-        q_valid = q_pos < (frames_done + lengths)[:, None]
-        k_valid = (k_pos >= 0) & (k_pos < (frames_done + lengths)[:, None])
+        end = (frames_done + lengths)[:, None]
+        q_valid = q_pos < end
+        key_index, positions = getattr(kv_window, "key_index", None), None
+        if key_index is None:  # the window in time order
+            k_pos = frames_done[:, None] + torch.arange(-cache_len, t, device=x.device)[None, :]
+            k_valid = (k_pos >= 0) & (k_pos < end)
+        else:  # the ring as it lies: row r holds frame key_index[b, r] of the window (none past its width)
+            width = cache_len + t
+            k_pos = frames_done[:, None] - cache_len + key_index
+            k_valid = (key_index < width) & (k_pos >= 0) & (k_pos < end)
+            in_time_order = _rel_shift_index(t, width, x.device)  # [T, width] -> index into the positions
+            positions = in_time_order[:, key_index.clamp(max=width - 1)].transpose(0, 1).unsqueeze(1)
         att_mask = AttentionMask.of(attention_mask(q_pos, k_pos, q_valid, k_valid, context,
-                                                   self.cfg.att_context_style), x.dtype)
+                                                   self.cfg.att_context_style), x.dtype, positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, att_mask, pos_emb, ~q_valid, kv_window, conv_window, i)
         if self.out_proj is not None:

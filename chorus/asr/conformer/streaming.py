@@ -251,7 +251,11 @@ class ConformerStreamer:
                               state["frames_done"], t_out, produced, self.key_group)
             conv = Int8FrameWindow(pool["conv_ring"], pool["conv_scale"], idx, state["frames_done"], t_out, produced)
         else:
-            kv = FrameRingWindow(pool["kv_ring"], idx, state["frames_done"], t_out, produced, left)
+            # Attention reads the K/V ring as it lies: no copy when the slots are one ascending run.
+            ids = [int(s) for s in slots]
+            run = ids[0] if ids == list(range(ids[0], ids[0] + b)) else None
+            kv = FrameRingWindow(pool["kv_ring"], idx, state["frames_done"], t_out, produced, left,
+                                 in_ring_order=True, first_slot=run)
             conv = FrameRingWindow(pool["conv_ring"], idx, state["frames_done"], t_out, produced,
                                    enc_cfg.conv_kernel_size - 1)
         encoded = model.encoder.stream(chunk_in, produced, state["frames_done"], left, kv, conv, setting.context)
