@@ -266,9 +266,14 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
     w = conv.weight.view(conv.out_channels, -1).t()
     out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype, device=x.device)
     step = max(1, _FIRST_CONV_BLOCK_ROWS // (t * f))
+    block = torch.empty(min(b, step) * t * f, conv.out_channels, dtype=x.dtype, device=x.device)  # reused: stays in cache
     for s in range(0, b, step):
         p = patches[s:s + step].reshape(-1, kt * kf)
-        y = torch.mm(p, w) if conv.bias is None else torch.addmm(conv.bias, p, w)
+        y = block[:p.shape[0]]
+        if conv.bias is None:
+            torch.mm(p, w, out=y)
+        else:
+            torch.addmm(conv.bias, p, w, out=y)
         out[s:s + step].view(-1, conv.out_channels).copy_(y.clamp_min_(0.0))
     return out.permute(0, 3, 1, 2)
 
