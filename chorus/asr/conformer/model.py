@@ -202,25 +202,22 @@ class ConvSubsampling(nn.Module):
         # precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its pass.
         out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
         dtypes = [m.weight.dtype for m in self.conv if isinstance(m, nn.Conv2d)][1:] + [out_dtype]
-        fused_relu = False  # the first convolution applied the ReLU after it already
+        applied = -1  # the index of a ReLU the first convolution applied already
         for i, layer in enumerate(self.conv):
-            if fused_relu:
-                fused_relu = False
+            if i == applied:
                 continue
             if isinstance(layer, CausalConv2D):
                 if i:
                     x = _zero_beyond(x, lengths, valid_t, valid_f)
-                if layer.in_channels == 1 and i + 1 < len(self.conv) and isinstance(self.conv[i + 1], nn.ReLU):
-                    x, fused_relu = _first_conv_relu(x, layer, dtypes.pop(0)), True
-                else:
-                    x = _conv_channels_last(x, layer)
                 lengths = causal_conv_length(lengths, 1)
                 valid_t, valid_f = causal_conv_length(valid_t, 1), causal_conv_length(valid_f, 1)
+                if layer.in_channels == 1 and i + 1 < len(self.conv) and isinstance(self.conv[i + 1], nn.ReLU):
+                    x, applied = _first_conv_relu(x, layer, dtypes.pop(0)), i + 1
+                    continue
+                x = _conv_channels_last(x, layer)
             elif isinstance(layer, nn.Conv2d):  # 1x1: a product over channels (Conv2d takes a slow path at batch 1)
                 x = F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias).permute(0, 3, 1, 2)
-            if fused_relu:
-                pass
-            elif isinstance(layer, nn.Conv2d):
+            if isinstance(layer, nn.Conv2d):
                 x = x.to(dtypes.pop(0))
             else:
                 x = layer(x)
@@ -237,16 +234,21 @@ def _conv_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) with padding k-1 on both sides, channels-last in and out.  A first convolution (one input
     channel) is one matrix product over the 3x3 patches: oneDNN would hand back NCHW for it, and every later
     layer would run on that slow layout."""
-    pad = conv.kernel_size[0] - 1
     if conv.in_channels > 1:
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, pad, 1, conv.groups)
-    (kt, kf), (st, sf) = conv.kernel_size, conv.stride
-    patches = F.pad(x[:, 0], (pad, pad, pad, pad)).unfold(1, kt, st).unfold(2, kf, sf)  # [B, T', F', kt, kf]
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.kernel_size[0] - 1, 1, conv.groups)
+    patches = _patches(x, conv)
     b, t, f = patches.shape[:3]
     w = conv.weight.view(conv.out_channels, -1).t()
-    patches = patches.reshape(-1, kt * kf)
+    patches = patches.reshape(b * t * f, -1)
     y = torch.mm(patches, w) if conv.bias is None else torch.addmm(conv.bias, patches, w)
     return y.view(b, t, f, conv.out_channels).permute(0, 3, 1, 2)
+
+
+def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The padded (k-1 each side) windows of a one-channel x [B, 1, T, F] that `conv` reads: [B, T', F', kt, kf]."""
+    pad = conv.kernel_size[0] - 1
+    (kt, kf), (st, sf) = conv.kernel_size, conv.stride
+    return F.pad(x[:, 0], (pad, pad, pad, pad)).unfold(1, kt, st).unfold(2, kf, sf)
 
 
 _FIRST_CONV_BLOCK_ROWS = 2048  # fp32 rows of 256 channels: 2 MB, one core's L2
@@ -259,16 +261,14 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
     it went to memory and back four times (the bias copied in, the product added, the cast, the ReLU);
     here each block of streams is computed, rectified and cast while it is in cache, straight into the
     output.  A block holds whole streams, so a stream's result does not depend on its batch."""
-    pad = conv.kernel_size[0] - 1
-    (kt, kf), (st, sf) = conv.kernel_size, conv.stride
-    patches = F.pad(x[:, 0], (pad, pad, pad, pad)).unfold(1, kt, st).unfold(2, kf, sf)  # [B, T', F', kt, kf]
+    patches = _patches(x, conv)
     b, t, f = patches.shape[:3]
     w = conv.weight.view(conv.out_channels, -1).t()
     out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype, device=x.device)
     step = max(1, _FIRST_CONV_BLOCK_ROWS // (t * f))
     block = torch.empty(min(b, step) * t * f, conv.out_channels, dtype=x.dtype, device=x.device)  # reused: stays in cache
     for s in range(0, b, step):
-        p = patches[s:s + step].reshape(-1, kt * kf)
+        p = patches[s:s + step].reshape(-1, w.shape[0])
         y = block[:p.shape[0]]
         if conv.bias is None:
             torch.mm(p, w, out=y)
