@@ -82,6 +82,12 @@ bench-stream MODEL.nemo --audio AUDIO16k [--streams 1,4,16,64] [--seconds 6] [--
     line `BENCH_JSON {...}` (walls, medians, step times, audio seconds, final
     token ids per stream, foreign CPU shares, threads, versions).
 
+bench-serve MODEL.nemo --audio AUDIO16k [--seconds 6] [--threads N] [--offset-step 0.37]
+    The same passes, one per request: reads JSON lines {"streams": N, "mode": M}
+    on stdin and answers each with `PASS_JSON {wall, steps, token_ids, foreign,
+    audio_seconds, n_steps}` (after a first line `READY`).  bench/roofline.py
+    keeps one running and alternates its passes with chorus', seconds apart.
+
 NeMo streaming behaviour worth knowing (NeMo 3.0.0, dw_striding x8, causal)
 ----------------------------------------------------------------------------
 * chunk_size / shift_size / pre_encode_cache_size are [first, rest] lists:
@@ -705,77 +711,92 @@ def cpu_snapshot():
     return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK"), t.user + t.system
 
 
+class StreamBench:
+    """NeMo's own conformer_stream_step over n synchronized streams of looped audio: one timed pass per call."""
+
+    def __init__(self, args):
+        torch.set_num_threads(args.threads)
+        self.args = args
+        self.model = nemo_asr.models.ASRModel.restore_from(restore_path=args.model, map_location="cpu")
+        self.model.eval()
+        self.enc = self.model.encoder
+        self.enc.set_default_att_context_size(att_context_size=[int(x) for x in args.att_context_size])
+        from nemo.collections.asr.parts.preprocessing.segment import get_samples
+
+        self.audio = get_samples(args.audio)
+        self.hop = float(self.model.cfg.preprocessor.window_stride)
+        self.work = {}  # streams -> (chunks, audio seconds)
+
+    def chunks(self, n):
+        """The buffer's chunks for n streams (stream b starts b * --offset-step seconds into the audio)."""
+        if n not in self.work:
+            sr = 16000
+            buf = CacheAwareStreamingAudioBuffer(model=self.model, online_normalization=False,
+                                                 pad_and_drop_preencoded=False)
+            for b in range(n):
+                start = int(round(b * self.args.offset_step * sr)) % len(self.audio)
+                buf.append_audio(loop_clip(self.audio, start, int(round(self.args.seconds * sr))), stream_id=-1)
+            chunks = [(ch.clone(), chl.clone(), buf.is_buffer_empty()) for ch, chl in iter(buf)]
+            self.work[n] = (chunks, float(buf.streams_length.sum()) * self.hop)
+        return self.work[n]
+
+    def one_pass(self, n, mode):
+        """(wall, step times, token ids per stream, foreign CPU share) of one whole pass."""
+        enc, scfg = self.enc, self.enc.streaming_cfg
+        if mode != "encoder":
+            set_decoder(self.model, mode)
+        blank = self.model.ctc_decoder.num_classes_with_blank - 1
+        chunk_list, _ = self.chunks(n)
+        c_ch, c_t, c_len = enc.get_initial_cache_state(batch_size=n)
+        hyps, pred_out = None, None
+        steps = []
+        snap = cpu_snapshot()
+        t0 = time.perf_counter()
+        for step, (ch, chl, last) in enumerate(chunk_list):
+            drop = 0 if step == 0 else scfg.drop_extra_pre_encoded
+            ts = time.perf_counter()
+            with torch.inference_mode(), torch.no_grad():
+                if mode == "encoder":
+                    _, _, c_ch, c_t, c_len = enc.cache_aware_stream_step(
+                        processed_signal=ch, processed_signal_length=chl, cache_last_channel=c_ch,
+                        cache_last_time=c_t, cache_last_channel_len=c_len, keep_all_outputs=last,
+                        drop_extra_pre_encoded=drop)
+                else:
+                    pred_out, _, c_ch, c_t, c_len, hyps = self.model.conformer_stream_step(
+                        processed_signal=ch, processed_signal_length=chl, cache_last_channel=c_ch,
+                        cache_last_time=c_t, cache_last_channel_len=c_len, keep_all_outputs=last,
+                        previous_hypotheses=hyps, previous_pred_out=pred_out, drop_extra_pre_encoded=drop,
+                        return_transcription=(mode == "rnnt"))
+            steps.append(time.perf_counter() - ts)
+        wall = time.perf_counter() - t0
+        after = cpu_snapshot()
+        foreign = max(0.0, (after[0] - snap[0]) - (after[1] - snap[1])) / (wall * (os.cpu_count() or 1))
+        if mode == "rnnt":
+            ids = [[int(t) for t in h.y_sequence] for h in hyps]
+        elif mode == "ctc":
+            ids = [ctc_collapse([int(t) for t in p], blank) for p in pred_out]
+        else:
+            ids = []
+        return wall, steps, ids, foreign
+
+
 def cmd_bench_stream(args):
     import resource
     import statistics
 
-    torch.set_num_threads(args.threads)
-    asr_model = nemo_asr.models.ASRModel.restore_from(restore_path=args.model, map_location="cpu")
-    asr_model.eval()
-    enc = asr_model.encoder
-    enc.set_default_att_context_size(att_context_size=[int(x) for x in args.att_context_size])
-    scfg = enc.streaming_cfg
-    from nemo.collections.asr.parts.preprocessing.segment import get_samples
-
-    audio = get_samples(args.audio)
-    sr = 16000
+    bench = StreamBench(args)
     modes = [m for m in args.modes.split(",") if m]
-    hop = float(asr_model.cfg.preprocessor.window_stride)
     results = {}
     for n in [int(x) for x in args.streams.split(",")]:
-        buf = CacheAwareStreamingAudioBuffer(model=asr_model, online_normalization=False, pad_and_drop_preencoded=False)
-        for b in range(n):
-            start = int(round(b * args.offset_step * sr)) % len(audio)
-            buf.append_audio(loop_clip(audio, start, int(round(args.seconds * sr))), stream_id=-1)
-        chunks = []
-        for ch, chl in iter(buf):
-            chunks.append((ch.clone(), chl.clone(), buf.is_buffer_empty()))
-        audio_seconds = float(buf.streams_length.sum()) * hop
+        chunks, audio_seconds = bench.chunks(n)
         per_mode = {}
         for mode in modes:
-            if mode != "encoder":
-                set_decoder(asr_model, mode)
-            blank = asr_model.ctc_decoder.num_classes_with_blank - 1
-
-            def one_pass(chunk_list):
-                c_ch, c_t, c_len = enc.get_initial_cache_state(batch_size=n)
-                hyps, pred_out = None, None
-                steps = []
-                snap = cpu_snapshot()
-                t0 = time.perf_counter()
-                for step, (ch, chl, last) in enumerate(chunk_list):
-                    drop = 0 if step == 0 else scfg.drop_extra_pre_encoded
-                    ts = time.perf_counter()
-                    with torch.inference_mode(), torch.no_grad():
-                        if mode == "encoder":
-                            _, _, c_ch, c_t, c_len = enc.cache_aware_stream_step(
-                                processed_signal=ch, processed_signal_length=chl, cache_last_channel=c_ch,
-                                cache_last_time=c_t, cache_last_channel_len=c_len, keep_all_outputs=last,
-                                drop_extra_pre_encoded=drop)
-                        else:
-                            pred_out, _, c_ch, c_t, c_len, hyps = asr_model.conformer_stream_step(
-                                processed_signal=ch, processed_signal_length=chl, cache_last_channel=c_ch,
-                                cache_last_time=c_t, cache_last_channel_len=c_len, keep_all_outputs=last,
-                                previous_hypotheses=hyps, previous_pred_out=pred_out, drop_extra_pre_encoded=drop,
-                                return_transcription=(mode == "rnnt"))
-                    steps.append(time.perf_counter() - ts)
-                wall = time.perf_counter() - t0
-                after = cpu_snapshot()
-                foreign = max(0.0, (after[0] - snap[0]) - (after[1] - snap[1])) / (wall * (os.cpu_count() or 1))
-                if mode == "rnnt":
-                    ids = [[int(t) for t in h.y_sequence] for h in hyps]
-                elif mode == "ctc":
-                    ids = [ctc_collapse([int(t) for t in p], blank) for p in pred_out]
-                else:
-                    ids = []
-                return wall, steps, ids, foreign
-
-            one_pass(chunks)  # warm-up: one whole pass
+            bench.one_pass(n, mode)  # warm-up: one whole pass
             walls, steps, ids, tries = [], [], None, []
             for _ in range(args.repeats):  # re-run a pass (at most --retries times) when others used the CPUs
                 runs = []
                 for _ in range(1 + args.retries):
-                    runs.append(one_pass(chunks))
+                    runs.append(bench.one_pass(n, mode))
                     if runs[-1][3] <= args.noise_threshold:
                         break
                 tries.append([round(r[3], 3) for r in runs])
@@ -789,11 +810,30 @@ def cmd_bench_stream(args):
             print(f"nemo {n} streams {mode}: {per_mode[mode]['wall']:.2f} s for {audio_seconds:.1f} audio s "
                   f"({len(chunks)} steps); foreign CPU per try {tries}", file=sys.stderr, flush=True)
         results[str(n)] = per_mode
+    enc = bench.enc
+    scfg = enc.streaming_cfg
     out = dict(results=results, threads=torch.get_num_threads(), nemo_version=nemo.__version__,
                torch_version=torch.__version__, att_context_size=list(enc.att_context_size),
                chunk_size=list(scfg.chunk_size) if isinstance(scfg.chunk_size, (list, tuple)) else scfg.chunk_size,
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("BENCH_JSON " + json.dumps(out), flush=True)
+
+
+def cmd_bench_serve(args):
+    """One pass per request, so that a caller can interleave NeMo's passes with its own seconds apart.
+
+    Reads JSON lines {"streams": n, "mode": m} from stdin; answers each with a line
+    PASS_JSON {"wall", "steps", "token_ids", "foreign", "audio_seconds"}.  Starts with a line READY."""
+    bench = StreamBench(args)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        n, mode = int(req["streams"]), req["mode"]
+        wall, steps, ids, foreign = bench.one_pass(n, mode)
+        print("PASS_JSON " + json.dumps(dict(wall=wall, steps=steps, token_ids=ids, foreign=foreign,
+                                             audio_seconds=bench.chunks(n)[1], n_steps=len(steps))), flush=True)
 
 
 def main():
@@ -831,8 +871,16 @@ def main():
     b.add_argument("--noise-threshold", type=float, default=0.05,
                    help="re-run a pass when other processes used more than this share of the CPUs")
     b.add_argument("--retries", type=int, default=2)
+    v = sub.add_parser("bench-serve", help="bench-stream's passes one at a time, asked for on stdin")
+    v.add_argument("model")
+    v.add_argument("--audio", required=True, help="16 kHz mono audio the streams are cut from")
+    v.add_argument("--seconds", type=float, default=6.0)
+    v.add_argument("--threads", type=int, default=os.cpu_count())
+    v.add_argument("--offset-step", type=float, default=0.37)
+    v.add_argument("--att-context-size", nargs=2, type=int, default=[70, 6], metavar=("LEFT", "RIGHT"))
     args = p.parse_args()
-    {"make-tiny": cmd_make_tiny, "run": cmd_run, "bench-stream": cmd_bench_stream}[args.cmd](args)
+    {"make-tiny": cmd_make_tiny, "run": cmd_run, "bench-stream": cmd_bench_stream,
+     "bench-serve": cmd_bench_serve}[args.cmd](args)
 
 
 if __name__ == "__main__":
