@@ -283,3 +283,9 @@ def test_predictor_step_equals_the_lstm_it_writes_out(layers):
         torch.testing.assert_close(mine, ref[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(mh, rh, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(mc, rc, atol=1e-6, rtol=1e-5)
+        # decoding reads layer 0's input gates from a per-label table: a weight changed in place rebuilds it
+        pred.prediction["embed"].weight[4] += 1.0
+        pred.prediction["dec_rnn"].lstm.bias_ih_l0[0] -= 0.5
+        mine, _ = pred.step(labels, (h, c))
+        ref, _ = pred.prediction["dec_rnn"].lstm(pred.embed(labels)[None], (h, c))
+        torch.testing.assert_close(mine, ref[0], atol=1e-6, rtol=1e-5)

@@ -51,13 +51,17 @@ class RNNTPredictor(nn.Module):
         for one time step of a few streams torch's fused LSTM call costs ~1 ms of overhead on CPU,
         the two matrix products below ~0.1 ms, and decoding calls this once per emitted label."""
         lstm = self.prediction["dec_rnn"].lstm
-        x, (h, c) = self.embed(labels), state
+        (h, c), training = state, torch.is_grad_enabled()
+        x = self.embed(labels) if training else None
         hs, cs = [], []
         for k in range(self.layers):
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
             b_ih, b_hh = getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")
-            if torch.is_grad_enabled():
+            if training:
                 gates = torch.addmm(torch.addmm(b_ih, x, w_ih.t()) + b_hh, h[k], w_hh.t())
+            elif k == 0:  # the input half is a row of a table (one per label), so only W_hh is read per label
+                gates = packed_linear(self, h[0], w_hh).add_(
+                    self._input_gates(w_ih, b_ih, b_hh).index_select(0, labels.clamp(max=self.blank)))
             else:  # one product over [x, h] with both weights side by side (packed once: decoding runs this per label)
                 gates = packed_linear(self, torch.cat([x, h[k]], dim=1), *self._fused_gates(k, w_ih, w_hh, b_ih, b_hh))
             i, f, g, o = gates.chunk(4, dim=1)
@@ -66,6 +70,21 @@ class RNNTPredictor(nn.Module):
             hs.append(x)
             cs.append(c_k)
         return x, (torch.stack(hs), torch.stack(cs))
+
+    def _input_gates(self, w_ih, b_ih, b_hh) -> torch.Tensor:
+        """Layer 0's input half of the gates for every label, W_ih embed(label) + b_ih + b_hh: [vocab + 1, 4H],
+        built once (and again if a weight changes).  Layer 0's input is one of vocab + 1 embeddings, so a label
+        step gathers its row instead of reading W_ih (half of the predictor's weights) again; the blank's row
+        is the biases alone, as NeMo feeds the blank as a zero vector."""
+        emb = self.prediction["embed"].weight
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in (emb, w_ih, b_ih, b_hh))
+        cached = self.__dict__.get("_input_table")
+        if cached is None or cached[0] != stamp:
+            bias = (b_ih + b_hh).detach()
+            table = torch.addmm(bias, emb.detach(), w_ih.detach().t())
+            table[self.blank] = bias
+            cached = self.__dict__["_input_table"] = (stamp, table)
+        return cached[1]
 
     def _fused_gates(self, k, w_ih, w_hh, b_ih, b_hh) -> tuple[torch.Tensor, torch.Tensor]:
         """[W_ih | W_hh] and b_ih + b_hh of layer k, built once (and again if a weight changes)."""
