@@ -726,6 +726,7 @@ class StreamBench:
         self.audio = get_samples(args.audio)
         self.hop = float(self.model.cfg.preprocessor.window_stride)
         self.work = {}  # streams -> (chunks, audio seconds)
+        self.decoder = None  # the decoding strategy set last (set again only when a pass needs another)
 
     def chunks(self, n):
         """The buffer's chunks for n streams (stream b starts b * --offset-step seconds into the audio)."""
@@ -743,8 +744,9 @@ class StreamBench:
     def one_pass(self, n, mode):
         """(wall, step times, token ids per stream, foreign CPU share) of one whole pass."""
         enc, scfg = self.enc, self.enc.streaming_cfg
-        if mode != "encoder":
+        if mode != "encoder" and mode != self.decoder:
             set_decoder(self.model, mode)
+            self.decoder = mode
         blank = self.model.ctc_decoder.num_classes_with_blank - 1
         chunk_list, _ = self.chunks(n)
         c_ch, c_t, c_len = enc.get_initial_cache_state(batch_size=n)

@@ -49,7 +49,7 @@ class RNNTPredictor(nn.Module):
 
         The LSTM cell is written out (PyTorch's gate order i, f, g, o, with nn.LSTM's own weights):
         for one time step of a few streams torch's fused LSTM call costs ~1 ms of overhead on CPU,
-        the two matrix products below ~0.1 ms, and decoding calls this once per emitted label."""
+        the one matrix product per layer below ~0.1 ms, and decoding calls this once per emitted label."""
         lstm = self.prediction["dec_rnn"].lstm
         (h, c), training = state, torch.is_grad_enabled()
         x = self.embed(labels) if training else None
@@ -72,27 +72,32 @@ class RNNTPredictor(nn.Module):
         return x, (torch.stack(hs), torch.stack(cs))
 
     def _input_gates(self, w_ih, b_ih, b_hh) -> torch.Tensor:
-        """Layer 0's input half of the gates for every label, W_ih embed(label) + b_ih + b_hh: [vocab + 1, 4H],
-        built once (and again if a weight changes).  Layer 0's input is one of vocab + 1 embeddings, so a label
-        step gathers its row instead of reading W_ih (half of the predictor's weights) again; the blank's row
-        is the biases alone, as NeMo feeds the blank as a zero vector."""
-        emb = self.prediction["embed"].weight
-        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in (emb, w_ih, b_ih, b_hh))
-        cached = self.__dict__.get("_input_table")
-        if cached is None or cached[0] != stamp:
+        """Layer 0's input half of the gates for every label, W_ih embed(label) + b_ih + b_hh: [vocab + 1, 4H].
+        Layer 0's input is one of vocab + 1 embeddings, so a label step gathers its row instead of reading W_ih
+        (half of the predictor's weights) again; the blank's row is the biases alone, as NeMo feeds the blank
+        as a zero vector."""
+        def build():
             bias = (b_ih + b_hh).detach()
             table = torch.addmm(bias, emb.detach(), w_ih.detach().t())
             table[self.blank] = bias
-            cached = self.__dict__["_input_table"] = (stamp, table)
-        return cached[1]
+            return table
+
+        emb = self.prediction["embed"].weight
+        return self._built_once("input_table", (emb, w_ih, b_ih, b_hh), build)
 
     def _fused_gates(self, k, w_ih, w_hh, b_ih, b_hh) -> tuple[torch.Tensor, torch.Tensor]:
-        """[W_ih | W_hh] and b_ih + b_hh of layer k, built once (and again if a weight changes)."""
-        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in (w_ih, w_hh, b_ih, b_hh))
-        fused = self.__dict__.setdefault("_fused", {})
-        if k not in fused or fused[k][0] != stamp:
-            fused[k] = (stamp, (torch.cat([w_ih, w_hh], dim=1).detach(), (b_ih + b_hh).detach()))
-        return fused[k][1]
+        """[W_ih | W_hh] and b_ih + b_hh of layer k."""
+        return self._built_once(("fused", k), (w_ih, w_hh, b_ih, b_hh),
+                                lambda: (torch.cat([w_ih, w_hh], dim=1).detach(), (b_ih + b_hh).detach()))
+
+    def _built_once(self, key, inputs: tuple[torch.Tensor, ...], build):
+        """build()'s result, kept under `key` and built again only when one of `inputs` changes (in place, or
+        replaced as Module.to does): decoding calls the predictor once per label."""
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in inputs)
+        built = self.__dict__.setdefault("_built", {})
+        if key not in built or built[key][0] != stamp:
+            built[key] = (stamp, build())
+        return built[key][1]
 
     def forward(self, targets: torch.Tensor) -> torch.Tensor:
         """Training: targets [B, U] -> predictor outputs [B, U + 1, H] (blank/SOS prepended)."""
