@@ -5,12 +5,13 @@
 
 The real-size FastConformer's encoder products (17 layers: Q/K/V 512->1536, output 512->512, two feed-forwards
 512->2048->512, pointwise 512->1024 and 512->512), one pass over all of them, at the rows a streaming step
-has (7 frames per stream: 1, 16, 32, 64 streams), in fp32 and bf16: `F.linear` against
-`chorus.asr.packed_linear.packed_linear` (weights reordered once into oneDNN's blocked layout).  Then the
-depthwise convolution (kernel 9, 512 channels, 7 new frames) as `F.conv1d` with groups against
-`_depthwise_channels_last`.  Then the greedy RNNT label loop of one 7-frame step (real-size predictor and
-joint, random heads, so every frame emits --max-symbols labels) with the products plain and packed.  Medians of
---repeats passes, alternating the two sides; prints the ratio.
+has (7 frames per stream: 1, 16, 32, 64 streams): in fp32 `F.linear` against oneDNN's packed weights and
+against chorus' own kernel (`chorus.asr.fp32_rows`), in bf16 `F.linear` against oneDNN's packed weights
+(`chorus.asr.packed_linear`).  Then the depthwise convolution (kernel 9, 512 channels, 7 new frames) as
+`F.conv1d` with groups against `_depthwise_channels_last`.  Then the greedy RNNT label loop of one 7-frame step
+(real-size predictor and joint, random heads, so every frame emits --max-symbols labels) with its products
+plain, through oneDNN, and through fp32_rows.  Medians of --repeats passes, the sides alternating; prints the
+ratios to the plain side.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chorus.asr import fp32_rows
 from chorus.asr import packed_linear as pl
 from chorus.asr.conformer.decoding import rnnt_greedy
 from chorus.asr.conformer.heads import RNNTJoint, RNNTPredictor
@@ -36,13 +38,15 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def alternate(a, b, repeats: int) -> tuple[float, float]:
-    a(), b()  # warm-up (packs the weights)
-    ta, tb = [], []
+def alternate(sides, repeats: int) -> list[float]:
+    """Median seconds of each side, the sides taking turns."""
+    for side in sides:
+        side()  # warm-up (packs the weights)
+    times = [[] for _ in sides]
     for _ in range(repeats):
-        ta.append(timed(a))
-        tb.append(timed(b))
-    return statistics.median(ta), statistics.median(tb)
+        for side, t in zip(sides, times):
+            t.append(timed(side))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> int:
@@ -61,21 +65,31 @@ def main() -> int:
     read = statistics.median(timed(big.sum) for _ in range(args.repeats))
     print(f"a plain read (torch.sum over 512 MB fp32): {big.nbytes / 1e9 / read:.1f} GB/s")
     del big
-    print("| dtype | streams | rows | F.linear ms | packed ms | x | weight GB/s plain / packed |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print(f"fp32_rows: {fp32_rows.status()}")
+    print("| dtype | streams | rows | F.linear ms | oneDNN packed ms | fp32_rows ms | x oneDNN / x fp32_rows | "
+          "weight GB/s plain / oneDNN / fp32_rows |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
         owners = [nn.Linear(i, o).to(dtype).requires_grad_(False) for _ in range(args.layers) for o, i in LAYER_SHAPES]
+        rows_side = dtype == torch.float32 and fp32_rows.kernel() is not None
+        packed = [fp32_rows.pack(m.weight) for m in owners] if rows_side else []
         for n in [int(s) for s in args.streams.split(",")]:
             rows = 7 * n
             xs = {i: torch.randn(n, 7, i, dtype=dtype) for i in (512, 2048)}
             with torch.no_grad():
-                plain = lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in owners]  # noqa: E731
-                packed = lambda: [pl.linear(m, xs[m.in_features]) for m in owners]  # noqa: E731
-                a, b = alternate(plain, packed, args.repeats)
+                def onednn():
+                    with fp32_rows.switched_off():
+                        return [pl.linear(m, xs[m.in_features]) for m in owners]
+                sides = [lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in owners], onednn]
+                if rows_side:
+                    sides.append(lambda: [fp32_rows.linear(xs[m.in_features], p, m.out_features, m.bias)
+                                          for m, p in zip(owners, packed)])
+                times = alternate(sides, args.repeats)
             name = "fp32" if dtype == torch.float32 else "bf16"
             gbs = sum(m.weight.nbytes for m in owners) / 1e9
-            print(f"| {name} | {n} | {rows} | {a * 1e3:.1f} | {b * 1e3:.1f} | x{a / b:.2f} | "
-                  f"{gbs / a:.1f} / {gbs / b:.1f} |", flush=True)
+            ms = [f"{t * 1e3:.1f}" for t in times] + ["-"] * (3 - len(times))
+            ratios = " / ".join(f"x{times[0] / t:.2f}" for t in times[1:])
+            rates = " / ".join(f"{gbs / t:.1f}" for t in times)
+            print(f"| {name} | {n} | {rows} | {' | '.join(ms)} | {ratios} | {rates} |", flush=True)
 
     print("\n| depthwise conv, 17 layers | streams | F.conv1d ms | multiply-adds ms | x | max diff |\n"
           "|---|---:|---:|---:|---:|---:|")
@@ -85,11 +99,12 @@ def main() -> int:
         with torch.no_grad():
             ref = conv(window.transpose(1, 2)).transpose(1, 2)
             diff = (_depthwise_channels_last(conv, window) - ref).abs().max().item()
-            a, b = alternate(lambda: [conv(window.transpose(1, 2)).transpose(1, 2) for _ in range(args.layers)],
-                             lambda: [_depthwise_channels_last(conv, window) for _ in range(args.layers)], args.repeats)
+            a, b = alternate([lambda: [conv(window.transpose(1, 2)).transpose(1, 2) for _ in range(args.layers)],
+                              lambda: [_depthwise_channels_last(conv, window) for _ in range(args.layers)]], args.repeats)
         print(f"| fp32 | {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | x{a / b:.2f} | {diff:.1e} |", flush=True)
 
-    print("\n| greedy RNNT, one step | streams | labels | plain ms | packed ms | x |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| greedy RNNT, one step | streams | labels | plain ms | oneDNN ms | fp32_rows ms | x oneDNN / x fp32_rows |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     predictor, joint = RNNTPredictor(1024, 640), RNNTJoint(512, 640, 640, 1024)
     predictor.eval(), joint.eval()
@@ -98,15 +113,25 @@ def main() -> int:
         enc, lengths = torch.randn(n, 7, 512), torch.full((n,), 7)
         state, g = predictor.initial_state(n), torch.zeros(n, 640)
 
-        def loop(packed: bool):
-            pl.PACKED_MIN_ROWS = rows if packed else 10**9
-            return rnnt_greedy(joint, predictor, enc, lengths, state, g, args.max_symbols)[0]
+        def loop(path: str):
+            pl.PACKED_MIN_ROWS = 10**9 if path == "plain" else rows
+            try:
+                if path == "fp32_rows":
+                    return rnnt_greedy(joint, predictor, enc, lengths, state, g, args.max_symbols)[0]
+                with fp32_rows.switched_off():
+                    return rnnt_greedy(joint, predictor, enc, lengths, state, g, args.max_symbols)[0]
+            finally:
+                pl.PACKED_MIN_ROWS = rows
 
+        paths = ["plain", "oneDNN"] + (["fp32_rows"] if fp32_rows.kernel() is not None else [])
         with torch.no_grad():
-            labels = int((loop(True) >= 0).sum())
-            a, b = alternate(lambda: loop(False), lambda: loop(True), args.repeats)
-        pl.PACKED_MIN_ROWS = rows
-        print(f"| fp32 | {n} | {labels} | {a * 1e3:.1f} | {b * 1e3:.1f} | x{a / b:.2f} |", flush=True)
+            labels = [loop(p) for p in paths]
+            same = all(torch.equal(labels[0], other) for other in labels[1:])
+            times = alternate([lambda p=p: loop(p) for p in paths], args.repeats)
+        ms = [f"{t * 1e3:.1f}" for t in times] + ["-"] * (3 - len(times))
+        print(f"| fp32 | {n} | {int((labels[0] >= 0).sum())} | {' | '.join(ms)} | "
+              f"{' / '.join(f'x{times[0] / t:.2f}' for t in times[1:])} |"
+              + ("" if same else " (the paths chose different labels)"), flush=True)
     return 0
 
 

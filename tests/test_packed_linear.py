@@ -1,4 +1,7 @@
-"""Inference products through oneDNN-packed weights, and the channels-last depthwise convolution."""
+"""Inference products through oneDNN-packed weights, and the channels-last depthwise convolution.
+
+fp32 products take chorus' own kernel when it is built (tests/test_fp32_rows.py); the oneDNN tests here
+switch it off, so that this path stays tested where the kernel cannot be built."""
 import copy
 import pickle
 
@@ -7,10 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chorus.asr import fp32_rows
 from chorus.asr import packed_linear as pl
 from chorus.asr.conformer.model import _depthwise_channels_last
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def onednn_only(monkeypatch):
+    """fp32 products through oneDNN (or F.linear), as on a machine where fp32_rows cannot be built."""
+    monkeypatch.setenv("CHORUS_FP32_KERNEL", "0")
+    fp32_rows.reset()
+    yield
+    monkeypatch.delenv("CHORUS_FP32_KERNEL")
+    fp32_rows.reset()
 
 
 def _lin(seed=0, d_in=96, d_out=40, bias=True):
@@ -19,7 +33,7 @@ def _lin(seed=0, d_in=96, d_out=40, bias=True):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_equals_linear_in_fp32(bias):
+def test_packed_equals_linear_in_fp32(bias, onednn_only):
     lin = _lin(bias=bias)
     x = torch.randn(2, 7, 96)
     with torch.no_grad():
@@ -41,7 +55,7 @@ def test_packed_bf16_close_to_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-def test_training_and_other_batch_sizes_take_f_linear():
+def test_training_and_other_batch_sizes_take_f_linear(onednn_only):
     lin = _lin()
     x = torch.randn(1, 7, 96)
     y = pl.linear(lin, x)  # grad enabled: the plain product, with autograd
@@ -53,7 +67,7 @@ def test_training_and_other_batch_sizes_take_f_linear():
 
 
 @pytest.mark.parametrize("rows", [pl.PACKED_BLOCK_ROWS + 1, 3 * pl.PACKED_BLOCK_ROWS - 5])
-def test_large_products_go_through_in_blocks(rows):
+def test_large_products_go_through_in_blocks(rows, onednn_only):
     lin = _lin()
     x = torch.randn(rows, 96)
     with torch.no_grad():
@@ -67,7 +81,7 @@ def test_large_products_go_through_in_blocks(rows):
         assert (fused.float() - F.silu(ref)).abs().max() <= 0.02 * ref.abs().max()
 
 
-def test_weight_changes_are_seen():
+def test_weight_changes_are_seen(onednn_only):
     lin = _lin()
     x = torch.randn(5, 96)
     with torch.no_grad():
@@ -80,7 +94,7 @@ def test_weight_changes_are_seen():
         assert torch.allclose(pl.linear(lin, x), lin.bias.expand(5, -1))
 
 
-def test_copies_pack_their_own_weights():
+def test_copies_pack_their_own_weights(onednn_only):
     lin = _lin()
     x = torch.randn(5, 96)
     with torch.no_grad():
@@ -93,7 +107,7 @@ def test_copies_pack_their_own_weights():
         assert torch.allclose(pl.linear(back, x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_conv1d_view_is_keyed_by_its_parameter():
+def test_conv1d_view_is_keyed_by_its_parameter(onednn_only):
     torch.manual_seed(1)
     conv = nn.Conv1d(32, 64, 1)
     x = torch.randn(1, 5, 32)

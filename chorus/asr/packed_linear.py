@@ -12,6 +12,12 @@ path's copy of the bias into its output), so larger products go through in block
 The packed copy is a second copy of each weight (the module keeps its parameters for training, state_dict and
 large batches): at the real size that is +461 MB in fp32, +230 MB in bf16.  Results equal F.linear's up to
 the order of the sums (~1e-6 relative in fp32).
+
+fp32 products of few rows go through chorus' own kernel instead (`fp32_rows`, when it is built): it streams
+its own packed copy at 9-13 GB/s where oneDNN's reached ~5.5 on one core.  It takes every fp32 product when
+torch runs one thread (measured as fast as oneDNN up to 448 rows there) and products of at most
+`FP32_ROWS_MAX_ROWS` rows otherwise (beyond that, oneDNN's two-thread kernel was faster).  A process that
+sees both sizes keeps both packed copies of a weight.
 """
 from __future__ import annotations
 
@@ -19,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fp32_rows
+
 PACKED_MIN_ROWS = 4  # below, F.linear's matrix-vector path is faster (fp32, measured: bench/packed_linear.py)
 PACKED_BLOCK_ROWS = 256  # larger products run in balanced blocks of at most this many rows
 _ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
-_MAX_ENTRIES = 16  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
+FP32_ROWS_MAX_ROWS = 32  # with more than one thread, fp32 products up to this many rows use fp32_rows
+_MAX_ENTRIES = 32  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
 
 
 class PackedWeights:
@@ -42,26 +51,42 @@ class PackedWeights:
     def __setstate__(self, state: dict) -> None:
         self.entries = {}
 
-    def get(self, weight: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """The packed `weight`; `key` is the tensor it is a view of (a view shares its version counter)."""
+    def get(self, weight: torch.Tensor, key: torch.Tensor, kind: str = "onednn") -> torch.Tensor:
+        """The packed `weight` for `kind` ("onednn" or "fp32_rows"); `key` is the tensor it is a view of (a
+        view shares its version counter)."""
         # The version counts in-place writes; `.data =` (what Module.to does) changes the pointer instead.
         stamp = (key._version, key.data_ptr(), key.dtype, weight.data_ptr(), weight.dtype)
-        entry = self.entries.get(id(key))
+        entry = self.entries.get((id(key), kind))
         if entry is None or entry[0] is not key or entry[1] != stamp:
             if len(self.entries) >= _MAX_ENTRIES:
                 self.entries.clear()
-            entry = (key, stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT))
-            self.entries[id(key)] = entry
+            w = weight.detach()
+            packed = fp32_rows.pack(w) if kind == "fp32_rows" else torch.ops.mkldnn._reorder_linear_weight(w, _ROWS_HINT)
+            entry = (key, stamp, packed)
+            self.entries[(id(key), kind)] = entry
         return entry[2]
 
 
-def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and weight.device.type == "cpu"
+def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (not torch.is_grad_enabled() and x.is_cpu and weight.is_cpu
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and (bias is None or bias.dtype == x.dtype) and weight.dim() == 2 and weight.layout == torch.strided
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")
-            and PACKED_MIN_ROWS <= x.numel() // max(x.shape[-1], 1))
+            and (bias is None or bias.is_contiguous()) and not torch.is_autocast_enabled("cpu"))
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (_inference_on_cpu(x, weight, bias) and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and PACKED_MIN_ROWS <= _rows(x))
+
+
+def _takes_fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (x.dtype == torch.float32 and _inference_on_cpu(x, weight, bias) and x.numel() > 0
+            and (torch.get_num_threads() == 1 or _rows(x) <= FP32_ROWS_MAX_ROWS)
+            and fp32_rows.kernel() is not None)
 
 
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
@@ -84,6 +109,9 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     """F.linear(x, weight, bias); at inference on CPU with few rows, through a packed copy of `weight`
     cached on `owner` (under `key`, the parameter `weight` is a view of, when it is one: a Conv1d's
     squeezed kernel).  Training, autograd, autocast and other devices take F.linear itself."""
+    if _takes_fp32_rows(x, weight, bias):
+        packed = _cache_of(owner).get(weight, weight if key is None else key, "fp32_rows")
+        return fp32_rows.linear(x, packed, weight.shape[0], bias)
     if not _packable(x, weight, bias):
         return F.linear(x, weight, bias)
     packed = _cache_of(owner).get(weight, weight if key is None else key)

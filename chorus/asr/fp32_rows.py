@@ -1,0 +1,172 @@
+"""fp32 products of few rows through chorus' own AVX-512 kernel (fp32_rows.c), built on first use.
+
+A streaming step multiplies few rows (7 frames per stream) by every weight of the model, so in fp32 its
+products are bound by how fast the weights stream from memory.  oneDNN's kernel read them at ~5.5 GB/s on one
+core of this project's machines, while a plain read runs at 8-10 GB/s; the kernel here walks weights packed
+as [column block][k][16] once, sequentially, at 9-13 GB/s (bench/packed_linear.py).  Each output is its dot
+product summed in k order, so a row's result never depends on the other rows of the call: batched equals
+alone bit for bit.
+
+The C source is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
+`$CHORUS_KERNEL_DIR` (default `~/.cache/chorus/kernels`), named by a hash of the source and flags, and loaded
+with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when the build fails, or with
+`CHORUS_FP32_KERNEL=0`, `kernel()` is None and the products go through oneDNN as before; `status()` says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
+BLOCK = 16  # output columns per packed block (one AVX-512 register)
+# Split a product over torch's threads only when each part still streams enough weight to hide the handoff
+# (~20-40 us through a Python thread pool).
+SPLIT_MIN_WEIGHT_BYTES = 256 * 1024
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _disabled_reason() -> str | None:
+    if os.environ.get("CHORUS_FP32_KERNEL", "1").lower() in ("0", "off", "false", "no"):
+        return "disabled by CHORUS_FP32_KERNEL"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not (capability.startswith("AVX512") or capability.startswith("AMX")):
+        return f"the CPU (torch capability {capability}) has no AVX-512"
+    return None
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("CHORUS_KERNEL_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "chorus" / "kernels"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    directory = _cache_dir()
+    library = directory / f"fp32_rows-{digest}.so"
+    if not library.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: processes that build at once never load a partial file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    lib = ctypes.CDLL(str(library))
+    fn = lib.fp32_rows_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
+    return fn
+
+
+def kernel():
+    """The compiled `fp32_rows_linear`, or None (see `status`)."""
+    if _state.get("off"):
+        return None
+    if "kernel" not in _state:
+        with _lock:
+            if "kernel" not in _state:
+                reason, fn = _disabled_reason(), None
+                if reason is None:
+                    try:
+                        fn = _build()
+                    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                        reason = f"build failed: {e}"
+                _state["reason"], _state["kernel"] = reason, fn
+    return _state["kernel"]
+
+
+def status() -> str:
+    """'on', or why the kernel is not used."""
+    if _state.get("off"):
+        return "off (switched off by fp32_rows.switched_off)"
+    return "on" if kernel() is not None else f"off ({_state['reason']})"
+
+
+@contextmanager
+def switched_off():
+    """Inside, `kernel()` is None and fp32 products take oneDNN: benches compare both in one process."""
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = False
+
+
+def reset() -> None:
+    """Forget the kernel (tests and benches switch CHORUS_FP32_KERNEL); the next call decides again."""
+    with _lock:
+        _state.clear()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] fp32 -> [ceil(N/16), K, 16]: each block of 16 output columns with its weights side by side."""
+    n, k = weight.shape
+    blocks = -(-n // BLOCK)
+    padded = weight.new_zeros(blocks * BLOCK, k)
+    padded[:n] = weight
+    return padded.view(blocks, BLOCK, k).transpose(1, 2).contiguous()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    pool = _state.get("pool")
+    if pool is None or pool._max_workers != workers:
+        with _lock:
+            pool = _state.get("pool")
+            if pool is None or pool._max_workers != workers:
+                if pool is not None:
+                    pool.shutdown(wait=False)
+                pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-fp32-rows")
+    return pool
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] fp32 times the weight `pack` made (its first `out_features` columns), plus `bias`.  The
+    caller has checked that `kernel()` is not None.  ctypes lets the GIL go during the call, so the column
+    blocks can be split over torch's threads."""
+    fn = kernel()
+    k = packed.shape[1]
+    flat = x if x.dim() == 2 else x.reshape(-1, k)  # (reshape and view cost ~1 us each: a label step is small)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    args = (rows, out_features, k, flat.data_ptr(), packed.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr())
+    blocks = packed.shape[0]
+    if packed.nbytes >= 2 * SPLIT_MIN_WEIGHT_BYTES and torch.get_num_threads() > 1:
+        threads = min(torch.get_num_threads(), blocks // 2, packed.nbytes // SPLIT_MIN_WEIGHT_BYTES)
+        bounds = [2 * ((blocks // 2) * i // threads) for i in range(threads)] + [blocks]
+        pool = _pool(threads - 1)
+        parts = [pool.submit(fn, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+        failed = fn(*args, bounds[0], bounds[1]) | any(p.result() for p in parts)
+    else:
+        failed = fn(*args, 0, blocks)
+    if failed:
+        raise ValueError(f"fp32_rows_linear rejected rows={rows} N={out_features} K={k}")
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
