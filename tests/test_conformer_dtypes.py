@@ -131,3 +131,14 @@ def test_load_model_dtype_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="example family computes in fp32 only"):
         Fp32Only().with_dtype("bf16")
     assert Fp32Only().with_dtype("fp32") is not None
+
+
+def test_bf16_one_layer_model_keeps_bf16_state(mels):
+    """The compute dtype is read from the first norm of the first layer, not from the fp32 output norm of the
+    last one (with one layer they are the same layer)."""
+    model = apply_dtype(tiny_model(seed=2, n_layers=1), "bf16")
+    assert model.encoder.compute_dtype == torch.bfloat16
+    engine = ConformerStreamer(model, slots=1)
+    assert engine.pool.tensors["kv_ring"].dtype == torch.bfloat16
+    out, tokens = stream(engine, mels[:1])
+    assert out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()

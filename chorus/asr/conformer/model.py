@@ -559,7 +559,7 @@ class ConformerLayer(nn.Module):
         x = self.conv(self.norm_conv(residual), pad_mask, conv_window, layer)
         residual = residual + self.dropout(x)
         residual = residual + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(residual)))
-        return self.norm_out(residual)
+        return self.norm_out(residual.to(self.norm_out.weight.dtype))  # bf16: the encoder's last norm is fp32
 
 
 # ------------------------------------------------------------------------------------------
@@ -611,7 +611,7 @@ class ConformerEncoder(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations and streaming state are kept in (bf16 when the encoder was cast)."""
-        return self.layers[0].norm_out.weight.dtype
+        return self.layers[0].norm_feed_forward1.weight.dtype
 
     @property
     def output_dim(self) -> int:
