@@ -5,12 +5,12 @@
 
 The real-size FastConformer's encoder products (17 layers: Q/K/V 512->1536, output 512->512, two feed-forwards
 512->2048->512, pointwise 512->1024 and 512->512), one pass over all of them, at the rows a streaming step
-has (7 frames per stream: 1, 16, 32, 64 streams): in fp32 `F.linear` against oneDNN's packed weights and
-against chorus' own kernel (`chorus.asr.fp32_rows`), in bf16 `F.linear` against oneDNN's packed weights
-(`chorus.asr.packed_linear`).  Then the depthwise convolution (kernel 9, 512 channels, 7 new frames) as
+has (7 frames per stream: 1, 16, 32, 64 streams), in fp32 and bf16: `F.linear` against oneDNN's packed weights
+(`chorus.asr.packed_linear`) and against chorus' own kernels (`chorus.asr.rows_kernel`; the server uses the bf16
+one up to 8 rows only).  Then the depthwise convolution (kernel 9, 512 channels, 7 new frames) as
 `F.conv1d` with groups against `_depthwise_channels_last`.  Then the greedy RNNT label loop of one 7-frame step
 (real-size predictor and joint, random heads, so every frame emits --max-symbols labels) with its products
-plain, through oneDNN, and through fp32_rows.  Medians of --repeats passes, the sides alternating; prints the
+plain, through oneDNN, and through chorus' fp32 kernel.  Medians of --repeats passes, the sides alternating; prints the
 ratios to the plain side.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chorus.asr import fp32_rows
+from chorus.asr import rows_kernel
 from chorus.asr import packed_linear as pl
 from chorus.asr.conformer.decoding import rnnt_greedy
 from chorus.asr.conformer.heads import RNNTJoint, RNNTPredictor
@@ -65,23 +65,23 @@ def main() -> int:
     read = statistics.median(timed(big.sum) for _ in range(args.repeats))
     print(f"a plain read (torch.sum over 512 MB fp32): {big.nbytes / 1e9 / read:.1f} GB/s")
     del big
-    print(f"fp32_rows: {fp32_rows.status()}")
-    print("| dtype | streams | rows | F.linear ms | oneDNN packed ms | fp32_rows ms | x oneDNN / x fp32_rows | "
-          "weight GB/s plain / oneDNN / fp32_rows |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"rows kernels: {rows_kernel.status()}")
+    print("| dtype | streams | rows | F.linear ms | oneDNN packed ms | rows kernel ms | x oneDNN / x rows kernel | "
+          "weight GB/s plain / oneDNN / rows kernel |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
         owners = [nn.Linear(i, o).to(dtype).requires_grad_(False) for _ in range(args.layers) for o, i in LAYER_SHAPES]
-        rows_side = dtype == torch.float32 and fp32_rows.kernel() is not None
-        packed = [fp32_rows.pack(m.weight) for m in owners] if rows_side else []
+        rows_side = rows_kernel.kernel(dtype) is not None
+        packed = [rows_kernel.pack(m.weight) for m in owners] if rows_side else []
         for n in [int(s) for s in args.streams.split(",")]:
             rows = 7 * n
             xs = {i: torch.randn(n, 7, i, dtype=dtype) for i in (512, 2048)}
             with torch.no_grad():
                 def onednn():
-                    with fp32_rows.switched_off():
+                    with rows_kernel.switched_off():
                         return [pl.linear(m, xs[m.in_features]) for m in owners]
                 sides = [lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in owners], onednn]
                 if rows_side:
-                    sides.append(lambda: [fp32_rows.linear(xs[m.in_features], p, m.out_features, m.bias)
+                    sides.append(lambda: [rows_kernel.linear(xs[m.in_features], p, m.out_features, m.bias)
                                           for m, p in zip(owners, packed)])
                 times = alternate(sides, args.repeats)
             name = "fp32" if dtype == torch.float32 else "bf16"
@@ -103,7 +103,7 @@ def main() -> int:
                               lambda: [_depthwise_channels_last(conv, window) for _ in range(args.layers)]], args.repeats)
         print(f"| fp32 | {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | x{a / b:.2f} | {diff:.1e} |", flush=True)
 
-    print("\n| greedy RNNT, one step | streams | labels | plain ms | oneDNN ms | fp32_rows ms | x oneDNN / x fp32_rows |"
+    print("\n| greedy RNNT, one step | streams | labels | plain ms | oneDNN ms | rows kernel ms | x oneDNN / x rows kernel |"
           "\n|---|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     predictor, joint = RNNTPredictor(1024, 640), RNNTJoint(512, 640, 640, 1024)
@@ -116,14 +116,14 @@ def main() -> int:
         def loop(path: str):
             pl.PACKED_MIN_ROWS = 10**9 if path == "plain" else rows
             try:
-                if path == "fp32_rows":
+                if path == "rows kernel":
                     return rnnt_greedy(joint, predictor, enc, lengths, state, g, args.max_symbols)[0]
-                with fp32_rows.switched_off():
+                with rows_kernel.switched_off():
                     return rnnt_greedy(joint, predictor, enc, lengths, state, g, args.max_symbols)[0]
             finally:
                 pl.PACKED_MIN_ROWS = rows
 
-        paths = ["plain", "oneDNN"] + (["fp32_rows"] if fp32_rows.kernel() is not None else [])
+        paths = ["plain", "oneDNN"] + (["rows kernel"] if rows_kernel.kernel() is not None else [])
         with torch.no_grad():
             labels = [loop(p) for p in paths]
             same = all(torch.equal(labels[0], other) for other in labels[1:])

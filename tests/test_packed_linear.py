@@ -1,6 +1,6 @@
 """Inference products through oneDNN-packed weights, and the channels-last depthwise convolution.
 
-fp32 products take chorus' own kernel when it is built (tests/test_fp32_rows.py); the oneDNN tests here
+fp32 products take chorus' own kernel when it is built (tests/test_rows_kernel.py); the oneDNN tests here
 switch it off, so that this path stays tested where the kernel cannot be built."""
 import copy
 import pickle
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chorus.asr import fp32_rows
+from chorus.asr import rows_kernel
 from chorus.asr import packed_linear as pl
 from chorus.asr.conformer.model import _depthwise_channels_last
 
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 @pytest.fixture
 def onednn_only(monkeypatch):
     """fp32 products through oneDNN (or F.linear), as on a machine where fp32_rows cannot be built."""
-    monkeypatch.setenv("CHORUS_FP32_KERNEL", "0")
-    fp32_rows.reset()
+    monkeypatch.setenv("CHORUS_ROWS_KERNEL", "0")
+    rows_kernel.reset()
     yield
-    monkeypatch.delenv("CHORUS_FP32_KERNEL")
-    fp32_rows.reset()
+    monkeypatch.delenv("CHORUS_ROWS_KERNEL")
+    rows_kernel.reset()
 
 
 def _lin(seed=0, d_in=96, d_out=40, bias=True):

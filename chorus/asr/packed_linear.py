@@ -13,11 +13,12 @@ The packed copy is a second copy of each weight (the module keeps its parameters
 large batches): at the real size that is +461 MB in fp32, +230 MB in bf16.  Results equal F.linear's up to
 the order of the sums (~1e-6 relative in fp32).
 
-fp32 products of few rows go through chorus' own kernel instead (`fp32_rows`, when it is built): it streams
-its own packed copy at 9-13 GB/s where oneDNN's reached ~5.5 on one core.  It takes every fp32 product when
-torch runs one thread (measured as fast as oneDNN up to 448 rows there) and products of at most
-`FP32_ROWS_MAX_ROWS` rows otherwise (beyond that, oneDNN's two-thread kernel was faster).  A process that
-sees both sizes keeps both packed copies of a weight.
+Products of few rows go through chorus' own kernels instead (`rows_kernel`, when they are built): they stream
+their own packed copy of the weight once, at 9-13 GB/s in fp32 where oneDNN's kernel reached ~5.5 on one core.
+fp32: every product when torch runs one thread (as fast as oneDNN up to 448 rows there), else products of at
+most `FP32_ROWS_MAX_ROWS` rows (beyond that, oneDNN's two-thread kernel was faster).  bf16: products of at most
+`BF16_ROWS_MAX_ROWS` rows (beyond that, oneDNN's AMX kernel wins).  A process that sees both ranges keeps both
+packed copies of a weight.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp32_rows
+from . import rows_kernel
 
 PACKED_MIN_ROWS = 4  # below, F.linear's matrix-vector path is faster (fp32, measured: bench/packed_linear.py)
 PACKED_BLOCK_ROWS = 256  # larger products run in balanced blocks of at most this many rows
 _ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
-FP32_ROWS_MAX_ROWS = 32  # with more than one thread, fp32 products up to this many rows use fp32_rows
+FP32_ROWS_MAX_ROWS = 32  # with more than one thread, fp32 products up to this many rows use rows_kernel
+BF16_ROWS_MAX_ROWS = 8  # bf16 products up to this many rows (one stream's step) use rows_kernel
 _MAX_ENTRIES = 32  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
 
 
@@ -52,7 +54,7 @@ class PackedWeights:
         self.entries = {}
 
     def get(self, weight: torch.Tensor, key: torch.Tensor, kind: str = "onednn") -> torch.Tensor:
-        """The packed `weight` for `kind` ("onednn" or "fp32_rows"); `key` is the tensor it is a view of (a
+        """The packed `weight` for `kind` ("onednn" or "rows"); `key` is the tensor it is a view of (a
         view shares its version counter)."""
         # The version counts in-place writes; `.data =` (what Module.to does) changes the pointer instead.
         stamp = (key._version, key.data_ptr(), key.dtype, weight.data_ptr(), weight.dtype)
@@ -61,7 +63,7 @@ class PackedWeights:
             if len(self.entries) >= _MAX_ENTRIES:
                 self.entries.clear()
             w = weight.detach()
-            packed = fp32_rows.pack(w) if kind == "fp32_rows" else torch.ops.mkldnn._reorder_linear_weight(w, _ROWS_HINT)
+            packed = rows_kernel.pack(w) if kind == "rows" else torch.ops.mkldnn._reorder_linear_weight(w, _ROWS_HINT)
             entry = (key, stamp, packed)
             self.entries[(id(key), kind)] = entry
         return entry[2]
@@ -83,10 +85,14 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and torch.backends.mkldnn.enabled and PACKED_MIN_ROWS <= _rows(x))
 
 
-def _takes_fp32_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.dtype == torch.float32 and _inference_on_cpu(x, weight, bias) and x.numel() > 0
-            and (torch.get_num_threads() == 1 or _rows(x) <= FP32_ROWS_MAX_ROWS)
-            and fp32_rows.kernel() is not None)
+def _takes_rows_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not _inference_on_cpu(x, weight, bias) or x.numel() == 0:
+        return False
+    if x.dtype == torch.float32:
+        fits = torch.get_num_threads() == 1 or _rows(x) <= FP32_ROWS_MAX_ROWS
+    else:
+        fits = _rows(x) <= BF16_ROWS_MAX_ROWS and x.shape[-1] % 2 == 0
+    return fits and rows_kernel.kernel(x.dtype) is not None
 
 
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
@@ -109,9 +115,9 @@ def packed_linear(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor,
     """F.linear(x, weight, bias); at inference on CPU with few rows, through a packed copy of `weight`
     cached on `owner` (under `key`, the parameter `weight` is a view of, when it is one: a Conv1d's
     squeezed kernel).  Training, autograd, autocast and other devices take F.linear itself."""
-    if _takes_fp32_rows(x, weight, bias):
-        packed = _cache_of(owner).get(weight, weight if key is None else key, "fp32_rows")
-        return fp32_rows.linear(x, packed, weight.shape[0], bias)
+    if _takes_rows_kernel(x, weight, bias):
+        packed = _cache_of(owner).get(weight, weight if key is None else key, "rows")
+        return rows_kernel.linear(x, packed, weight.shape[0], bias)
     if not _packable(x, weight, bias):
         return F.linear(x, weight, bias)
     packed = _cache_of(owner).get(weight, weight if key is None else key)
@@ -129,7 +135,8 @@ def linear_silu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(module(x)).  In bf16 on the packed path the activation is fused into the product (oneDNN's swish
     post-op: one pass over the output less); in fp32 it stays separate, since the fused one is an
     approximation (~4e-5 off here) that would move the fp32 path away from NeMo's."""
-    if type(module) is nn.Linear and x.dtype == torch.bfloat16 and _packable(x, module.weight, module.bias):
+    if (type(module) is nn.Linear and x.dtype == torch.bfloat16 and _packable(x, module.weight, module.bias)
+            and not _takes_rows_kernel(x, module.weight, module.bias)):
         packed = _cache_of(module).get(module.weight, module.weight)
         return _packed_product(x, packed, module.bias, "swish")
     y = linear(module, x)

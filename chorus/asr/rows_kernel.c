@@ -1,6 +1,7 @@
-/* fp32 y = x W^T + b for the few rows of a streaming step, streaming the weights once at memory speed.
+/* y = x W^T + b for the few rows of a streaming step, streaming the weights once at memory speed: fp32
+ * (AVX-512F), and bf16 (AVX512-BF16's pairwise dot product, fp32 sums, one rounding to bf16 at the end).
  *
- * W is packed once (fp32_rows.py) as [ceil(N/16)][K][16]: for each block of 16 output columns, the 16 weights
+ * W is packed once (rows_kernel.py) as [ceil(N/16)][K][16]: for each block of 16 output columns, the 16 weights
  * of every input k side by side, zero-padded past N.  A tile keeps up to 12 rows x 32 columns of sums in 24
  * AVX-512 registers and walks k once: two 64-byte weight loads feed 2 x rows multiply-adds, so a 7-row step
  * reads its weights sequentially at close to a plain read (oneDNN's kernel read them at ~5.5 GB/s on one
@@ -10,6 +11,7 @@
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define PREFETCH_FLOATS 1024 /* 4 KB ahead in the block: measured no slower than none, faster on some shapes */
 #define TILE_ROWS 12
@@ -89,6 +91,82 @@ int fp32_rows_linear(int M, int N, int K, const float* x, const float* packed, c
       const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
 #define ONE(r) tile_one_block(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
       BY_ROWS(ONE)
+    }
+  }
+  return 0;
+}
+
+/* ---- bf16 ----------------------------------------------------------------------------------------------
+ * W packed as [ceil(N/16)][K/2][16][2] bf16: for each block of 16 columns and each pair of inputs k, k+1, the
+ * two weights of every column side by side, which is the operand layout of vdpbf16ps.  x is bf16 [M][K] with K
+ * even, so x[m][k], x[m][k+1] are one 32-bit word to broadcast.  Compiled for AVX512-BF16 per function, so
+ * the library loads on CPUs without it; Python calls these only where /proc/cpuinfo lists avx512_bf16. */
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+BF16_TARGET static inline void store_bf16_row(uint16_t* y, __m512 sums, const uint16_t* b, __mmask16 cols) {
+  if (b) {  /* bf16 -> fp32 is a 16-bit shift */
+    const __m512i bias = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, b)), 16);
+    sums = _mm512_add_ps(sums, _mm512_castsi512_ps(bias));
+  }
+  _mm256_mask_storeu_epi16(y, cols, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
+BF16_TARGET static inline __attribute__((always_inline)) void bf16_tile_two_blocks(
+    const int M, int N, int K, const uint16_t* x, const uint16_t* w0, const uint16_t* b, uint16_t* y, int c0) {
+  const uint16_t* w1 = w0 + (size_t)K * 16;
+  __m512 s0[TILE_ROWS], s1[TILE_ROWS];
+  for (int m = 0; m < M; m++) { s0[m] = _mm512_setzero_ps(); s1[m] = _mm512_setzero_ps(); }
+  for (int k = 0; k < K; k += 2) {
+    const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + (size_t)k * 16);
+    const __m512bh v1 = (__m512bh)_mm512_loadu_si512(w1 + (size_t)k * 16);
+    _mm_prefetch((const char*)(w0 + (size_t)k * 16 + 2 * PREFETCH_FLOATS), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w1 + (size_t)k * 16 + 2 * PREFETCH_FLOATS), _MM_HINT_T0);
+    for (int m = 0; m < M; m++) {
+      const __m512bh xm = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(x + (size_t)m * K + k));
+      s0[m] = _mm512_dpbf16_ps(s0[m], xm, v0);
+      s1[m] = _mm512_dpbf16_ps(s1[m], xm, v1);
+    }
+  }
+  const __mmask16 second = tail_mask(N - c0 - 16);
+  for (int m = 0; m < M; m++) {
+    store_bf16_row(y + (size_t)m * N + c0, s0[m], b ? b + c0 : NULL, 0xFFFF);
+    store_bf16_row(y + (size_t)m * N + c0 + 16, s1[m], b ? b + c0 + 16 : NULL, second);
+  }
+}
+
+BF16_TARGET static inline __attribute__((always_inline)) void bf16_tile_one_block(
+    const int M, int N, int K, const uint16_t* x, const uint16_t* w0, const uint16_t* b, uint16_t* y, int c0) {
+  __m512 s0[TILE_ROWS];
+  for (int m = 0; m < M; m++) s0[m] = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 2) {
+    const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w0 + (size_t)k * 16);
+    for (int m = 0; m < M; m++)
+      s0[m] = _mm512_dpbf16_ps(s0[m], (__m512bh)_mm512_set1_epi32(*(const int32_t*)(x + (size_t)m * K + k)), v0);
+  }
+  const __mmask16 cols = tail_mask(N - c0);
+  for (int m = 0; m < M; m++) store_bf16_row(y + (size_t)m * N + c0, s0[m], b ? b + c0 : NULL, cols);
+}
+
+/* As fp32_rows_linear, in bf16 (bits as uint16); K must be even. */
+BF16_TARGET int bf16_rows_linear(int M, int N, int K, const uint16_t* x, const uint16_t* packed, const uint16_t* b,
+                                 uint16_t* y, int block_begin, int block_end) {
+  const int blocks = (N + 15) / 16;
+  if (M < 1 || N < 1 || K < 2 || (K & 1) || block_begin < 0 || (block_begin & 1) || block_end > blocks) return -1;
+  int nb = block_begin;
+  for (; nb + 1 < block_end; nb += 2) {
+    const uint16_t* w0 = packed + (size_t)nb * K * 16;
+    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
+      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
+#define BF_TWO(r) bf16_tile_two_blocks(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
+      BY_ROWS(BF_TWO)
+    }
+  }
+  if (nb < block_end) {
+    const uint16_t* w0 = packed + (size_t)nb * K * 16;
+    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
+      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
+#define BF_ONE(r) bf16_tile_one_block(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
+      BY_ROWS(BF_ONE)
     }
   }
   return 0;

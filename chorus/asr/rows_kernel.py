@@ -1,16 +1,17 @@
-"""fp32 products of few rows through chorus' own AVX-512 kernel (fp32_rows.c), built on first use.
+"""Products of few rows through chorus' own kernels (rows_kernel.c): fp32 on AVX-512, bf16 on AVX512-BF16.
 
-A streaming step multiplies few rows (7 frames per stream) by every weight of the model, so in fp32 its
-products are bound by how fast the weights stream from memory.  oneDNN's kernel read them at ~5.5 GB/s on one
-core of this project's machines, while a plain read runs at 8-10 GB/s; the kernel here walks weights packed
-as [column block][k][16] once, sequentially, at 9-13 GB/s (bench/packed_linear.py).  Each output is its dot
-product summed in k order, so a row's result never depends on the other rows of the call: batched equals
+A streaming step multiplies few rows (7 frames per stream) by every weight of the model, so its products are
+bound by how fast the weights stream from memory.  On one core of this project's machines oneDNN's kernel read
+fp32 weights at ~5.5 GB/s at 7 rows, while a plain read runs at 8-10 GB/s; the kernels here walk weights packed
+as [column block][k][16] once, sequentially, at 9-13 GB/s in fp32 (bench/packed_linear.py).  Each output is its
+dot product summed in k order, so a row's result never depends on the other rows of the call: batched equals
 alone bit for bit.
 
 The C source is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
 `$CHORUS_KERNEL_DIR` (default `~/.cache/chorus/kernels`), named by a hash of the source and flags, and loaded
 with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when the build fails, or with
-`CHORUS_FP32_KERNEL=0`, `kernel()` is None and the products go through oneDNN as before; `status()` says why.
+`CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
+CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")
-BLOCK = 16  # output columns per packed block (one AVX-512 register)
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC")  # the bf16 functions name their own target
+BLOCK = 16  # output columns per packed block (one AVX-512 register of fp32 sums)
 # Split a product over torch's threads only when each part still streams enough weight to hide the handoff
 # (~20-40 us through a Python thread pool).
 SPLIT_MIN_WEIGHT_BYTES = 256 * 1024
@@ -39,12 +40,20 @@ _state: dict = {}
 
 
 def _disabled_reason() -> str | None:
-    if os.environ.get("CHORUS_FP32_KERNEL", "1").lower() in ("0", "off", "false", "no"):
-        return "disabled by CHORUS_FP32_KERNEL"
+    if os.environ.get("CHORUS_ROWS_KERNEL", "1").lower() in ("0", "off", "false", "no"):
+        return "disabled by CHORUS_ROWS_KERNEL"
     capability = torch.backends.cpu.get_cpu_capability()
     if not (capability.startswith("AVX512") or capability.startswith("AMX")):
         return f"the CPU (torch capability {capability}) has no AVX-512"
     return None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
 
 
 def _cache_dir() -> Path:
@@ -62,7 +71,7 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
     directory = _cache_dir()
-    library = directory / f"fp32_rows-{digest}.so"
+    library = directory / f"rows_kernel-{digest}.so"
     if not library.exists():
         directory.mkdir(parents=True, exist_ok=True)
         # Built under a temporary name and renamed: processes that build at once never load a partial file.
@@ -78,39 +87,52 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(partial):
                 os.unlink(partial)
     lib = ctypes.CDLL(str(library))
-    fn = lib.fp32_rows_linear
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
-    return fn
+    for name in ("fp32_rows_linear", "bf16_rows_linear"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
+    return lib
 
 
-def kernel():
-    """The compiled `fp32_rows_linear`, or None (see `status`)."""
+def _decide() -> None:
+    reason, lib = _disabled_reason(), None
+    if reason is None:
+        try:
+            lib = _build()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            reason = f"build failed: {e}"
+    _state["reason"] = reason
+    _state[torch.float32] = lib.fp32_rows_linear if lib else None
+    bf16 = lib is not None and _cpu_has_avx512_bf16()
+    _state[torch.bfloat16] = lib.bf16_rows_linear if bf16 else None
+    _state["bf16_reason"] = reason or (None if bf16 else "the CPU has no AVX512-BF16")
+    _state["decided"] = True
+
+
+def kernel(dtype: torch.dtype = torch.float32):
+    """The compiled kernel for `dtype` (fp32 or bf16), or None (see `status`)."""
     if _state.get("off"):
         return None
-    if "kernel" not in _state:
+    if "decided" not in _state:
         with _lock:
-            if "kernel" not in _state:
-                reason, fn = _disabled_reason(), None
-                if reason is None:
-                    try:
-                        fn = _build()
-                    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                        reason = f"build failed: {e}"
-                _state["reason"], _state["kernel"] = reason, fn
-    return _state["kernel"]
+            if "decided" not in _state:
+                _decide()
+    return _state.get(dtype)
 
 
 def status() -> str:
-    """'on', or why the kernel is not used."""
+    """Which kernels are on, and why the others are not."""
     if _state.get("off"):
-        return "off (switched off by fp32_rows.switched_off)"
-    return "on" if kernel() is not None else f"off ({_state['reason']})"
+        return "off (switched off by rows_kernel.switched_off)"
+    if kernel() is None:
+        return f"off ({_state['reason']})"
+    bf16 = "on" if kernel(torch.bfloat16) is not None else f"off ({_state['bf16_reason']})"
+    return f"fp32 on, bf16 {bf16}"
 
 
 @contextmanager
 def switched_off():
-    """Inside, `kernel()` is None and fp32 products take oneDNN: benches compare both in one process."""
+    """Inside, `kernel()` is None and products take oneDNN: benches compare both in one process."""
     _state["off"] = True
     try:
         yield
@@ -119,17 +141,20 @@ def switched_off():
 
 
 def reset() -> None:
-    """Forget the kernel (tests and benches switch CHORUS_FP32_KERNEL); the next call decides again."""
+    """Forget the kernels (tests and benches switch CHORUS_ROWS_KERNEL); the next call decides again."""
     with _lock:
         _state.clear()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] fp32 -> [ceil(N/16), K, 16]: each block of 16 output columns with its weights side by side."""
+    """[N, K] -> fp32 [ceil(N/16), K, 16], or bf16 [ceil(N/16), K/2, 16, 2] (K even): each block of 16 output
+    columns with its weights side by side, zero past N."""
     n, k = weight.shape
     blocks = -(-n // BLOCK)
     padded = weight.new_zeros(blocks * BLOCK, k)
     padded[:n] = weight
+    if weight.dtype == torch.bfloat16:
+        return padded.view(blocks, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
     return padded.view(blocks, BLOCK, k).transpose(1, 2).contiguous()
 
 
@@ -141,21 +166,21 @@ def _pool(workers: int) -> ThreadPoolExecutor:
             if pool is None or pool._max_workers != workers:
                 if pool is not None:
                     pool.shutdown(wait=False)
-                pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-fp32-rows")
+                pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-rows-kernel")
     return pool
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] fp32 times the weight `pack` made (its first `out_features` columns), plus `bias`.  The
-    caller has checked that `kernel()` is not None.  ctypes lets the GIL go during the call, so the column
-    blocks can be split over torch's threads."""
-    fn = kernel()
-    k = packed.shape[1]
+    """x [..., K] times the weight `pack` made (its first `out_features` columns), plus `bias`, in x's dtype
+    (the packed weight's).  The caller has checked that `kernel(x.dtype)` is not None.  ctypes lets the GIL go
+    during the call, so the column blocks can be split over torch's threads."""
+    fn = kernel(packed.dtype)
+    k = packed.shape[1] * (2 if packed.dtype == torch.bfloat16 else 1)
     flat = x if x.dim() == 2 else x.reshape(-1, k)  # (reshape and view cost ~1 us each: a label step is small)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     rows = flat.shape[0]
-    out = torch.empty(rows, out_features, dtype=torch.float32)
+    out = torch.empty(rows, out_features, dtype=packed.dtype)
     args = (rows, out_features, k, flat.data_ptr(), packed.data_ptr(),
             None if bias is None else bias.data_ptr(), out.data_ptr())
     blocks = packed.shape[0]
@@ -168,5 +193,5 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     else:
         failed = fn(*args, 0, blocks)
     if failed:
-        raise ValueError(f"fp32_rows_linear rejected rows={rows} N={out_features} K={k}")
+        raise ValueError(f"rows kernel rejected {packed.dtype} rows={rows} N={out_features} K={k}")
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
