@@ -69,6 +69,25 @@ static inline __attribute__((always_inline)) void tile_one_block(const int M, in
     case 9: TILE(9); break; case 10: TILE(10); break; case 11: TILE(11); break; case 12: TILE(12); break; \
   }
 
+/* Every tile of the column blocks [block_begin, block_end): pairs of blocks, then a last odd block, each in row
+ * tiles of at most TILE_ROWS; TWO(r) and ONE(r) compute one tile of r rows at row m0, block nb, weights w0. */
+#define WALK_TILES(T, TWO, ONE)                                                       \
+  int nb = block_begin;                                                               \
+  for (; nb + 1 < block_end; nb += 2) {                                               \
+    const T* w0 = packed + (size_t)nb * K * 16;                                       \
+    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {                                       \
+      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;                       \
+      BY_ROWS(TWO)                                                                    \
+    }                                                                                 \
+  }                                                                                   \
+  if (nb < block_end) {                                                               \
+    const T* w0 = packed + (size_t)nb * K * 16;                                       \
+    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {                                       \
+      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;                       \
+      BY_ROWS(ONE)                                                                    \
+    }                                                                                 \
+  }
+
 /* y [M][N] (row-major) = x [M][K] (row-major) W^T + b (b may be NULL), for the column blocks
  * [block_begin, block_end) of the packed W; block_begin must be even (blocks go in pairs).  Returns 0, or -1
  * for arguments out of range. */
@@ -76,23 +95,9 @@ int fp32_rows_linear(int M, int N, int K, const float* x, const float* packed, c
                      int block_begin, int block_end) {
   const int blocks = (N + 15) / 16;
   if (M < 1 || N < 1 || K < 1 || block_begin < 0 || (block_begin & 1) || block_end > blocks) return -1;
-  int nb = block_begin;
-  for (; nb + 1 < block_end; nb += 2) {
-    const float* w0 = packed + (size_t)nb * K * 16;
-    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
-      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
 #define TWO(r) tile_two_blocks(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
-      BY_ROWS(TWO)
-    }
-  }
-  if (nb < block_end) {
-    const float* w0 = packed + (size_t)nb * K * 16;
-    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
-      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
 #define ONE(r) tile_one_block(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
-      BY_ROWS(ONE)
-    }
-  }
+  WALK_TILES(float, TWO, ONE)
   return 0;
 }
 
@@ -152,22 +157,8 @@ BF16_TARGET int bf16_rows_linear(int M, int N, int K, const uint16_t* x, const u
                                  uint16_t* y, int block_begin, int block_end) {
   const int blocks = (N + 15) / 16;
   if (M < 1 || N < 1 || K < 2 || (K & 1) || block_begin < 0 || (block_begin & 1) || block_end > blocks) return -1;
-  int nb = block_begin;
-  for (; nb + 1 < block_end; nb += 2) {
-    const uint16_t* w0 = packed + (size_t)nb * K * 16;
-    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
-      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
 #define BF_TWO(r) bf16_tile_two_blocks(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
-      BY_ROWS(BF_TWO)
-    }
-  }
-  if (nb < block_end) {
-    const uint16_t* w0 = packed + (size_t)nb * K * 16;
-    for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
-      const int rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
 #define BF_ONE(r) bf16_tile_one_block(r, N, K, x + (size_t)m0 * K, w0, b, y + (size_t)m0 * N, nb * 16)
-      BY_ROWS(BF_ONE)
-    }
-  }
+  WALK_TILES(uint16_t, BF_TWO, BF_ONE)
   return 0;
 }
