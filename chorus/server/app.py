@@ -190,7 +190,7 @@ class AsrServer:
                  self.port, s, self.config.host, self.port)
         if self.voices.names():
             log.info("voices %s on ws%s://%s:%d/tts", self.voices.names(), s, self.config.host, self.port)
-        log.info("fp32 few-row products: chorus kernel %s", rows_kernel.status())  # built here, not on a request
+        log.info("few-row products through chorus' kernels: %s", rows_kernel.status())  # built here, not on a request
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, signalled.set)

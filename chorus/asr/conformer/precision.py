@@ -6,10 +6,11 @@
   significant digits: +0.4 points WER on FSDD nicolas with beam + LM against +0.2 this way) and hands bf16
   on.  The last layer's output norm (and the output projection, where there is one) computes in fp32 from
   the bf16 residual, so the encoder output the decoders read is not rounded to bf16 (one digit of the 500
-  fewer wrong with beam + LM, 13.8 -> 13.6 %; greedy and CTC unchanged; a [rows, d] norm).  The decoders (RNNT predictor LSTM, joint, CTC head) stay fp32 and read the encoder output cast back
-  to fp32: with their products in bf16 too (gates, state and logits fp32) the beam + LM WER moved +0.4
-  instead of +0.2 and greedy RNNT +1.0 instead of +0.8, past the 0.3-point budget, for a few percent of a
-  16-stream step.  So the beam search and the LM score in fp32 (a documented mix).
+  fewer wrong with beam + LM, 13.8 -> 13.6 %; greedy and CTC unchanged; a [rows, d] norm).  The decoders
+  (RNNT predictor LSTM, joint, CTC head) stay fp32: with their products in bf16 too (gates, state and logits
+  fp32) the beam + LM WER moved +0.4 instead of +0.2 and greedy RNNT +1.0 instead of +0.8, past the 0.3-point
+  budget, for a few percent of a 16-stream step.  So the beam search and the LM score in fp32 (a documented
+  mix).
 * int8: every matrix product of the encoder (subsampling output, Q/K/V, attention output, both
   feed-forwards, both pointwise convolutions) runs as int8 x int8 -> int32 with `torch._int_mm`
   (ATen's integer GEMM, oneDNN/VNNI on x86; what torchao's int8 dynamic-activation path calls):
