@@ -143,6 +143,8 @@ def switched_off():
 def reset() -> None:
     """Forget the kernels (tests and benches switch CHORUS_ROWS_KERNEL); the next call decides again."""
     with _lock:
+        if "pool" in _state:
+            _state["pool"].shutdown(wait=False)
         _state.clear()
 
 
@@ -159,15 +161,14 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or pool._max_workers != workers:
+    if _state.get("pool_workers") != workers:
         with _lock:
-            pool = _state.get("pool")
-            if pool is None or pool._max_workers != workers:
-                if pool is not None:
-                    pool.shutdown(wait=False)
-                pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-rows-kernel")
-    return pool
+            if _state.get("pool_workers") != workers:
+                if "pool" in _state:
+                    _state["pool"].shutdown(wait=False)
+                _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-rows-kernel")
+                _state["pool_workers"] = workers
+    return _state["pool"]
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
