@@ -33,7 +33,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from ..asr import rows_kernel
 from ..cache import PoolExhausted
 from .asr_session import AsrSession
 from .funasr_protocol import SUBPROTOCOL, FunAsrAdapter, is_funasr_path
@@ -190,7 +189,6 @@ class AsrServer:
                  self.port, s, self.config.host, self.port)
         if self.voices.names():
             log.info("voices %s on ws%s://%s:%d/tts", self.voices.names(), s, self.config.host, self.port)
-        log.info("few-row products through chorus' kernels: %s", rows_kernel.status())  # built here, not on a request
         signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, signalled.set)
