@@ -3,6 +3,7 @@ offline Whisper (`transcribe_30s`) on the same weights, first-partial latency, a
 
     python bench/whisper_streaming.py accuracy [--fsdd 10] [--digit-strings 5] [--espeak 10] [--commits ...]
     python bench/whisper_streaming.py cost [--streams 1,4,16] [--configs causal:2000,causal:1000,window:1000]
+    python bench/whisper_streaming.py dtypes [--rounds 5] [--configs padded:2000,causal:2000] [--dtypes fp32,bf16,int8]
 
 accuracy: WER on chorus/samples/jfk.flac, on FSDD digits of speaker nicolas (../shared/data/fsdd), on digit
 strings read by FSDD's four speakers (eight of one speaker's recorded digits joined with 250 ms pauses, real
@@ -14,6 +15,10 @@ cost: causal mode (2000 and 1000 ms blocks) and window mode (1000 ms): the encod
 the decoder's forwards) of the first block and of the blocks that end 10 s and 30 s into a stream, their mean
 over the 30 s; and each block of B streams stepped together against the same B streams stepped one by one
 (a second engine fed the same audio, same run).  Streams start at different points of jfk.flac (tiled).
+
+dtypes: one stream of jfk.flac through each compute dtype (`--dtype`), the dtypes taking turns in each of
+--rounds rounds; the median seconds of the step calls per dtype, its ratio against fp32 in the same run,
+and whether the text equals fp32's.
 """
 from __future__ import annotations
 
@@ -279,9 +284,36 @@ def cost(args) -> None:
         wrt._forward = forward
 
 
+def dtypes(args) -> None:
+    path = bundled_models()["whisper-tiny.en"]
+    names = args.dtypes.split(",")
+    models = {d: load_model(path, "cpu", dtype=d) for d in names}
+    jfk = str(REPO / "chorus/samples/jfk.flac")
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    print(f"torch threads {torch.get_num_threads()}; jfk.flac (11 s), one stream; {args.rounds} rounds, "
+          f"the dtypes taking turns")
+    for mode, block in configs:
+        engines = {d: m.make_engine(slots=1) for d, m in models.items()}
+        secs = {d: [] for d in names}
+        texts = {}
+        for r in range(args.rounds):
+            for d in (names if r % 2 == 0 else names[::-1]):
+                tx, _, t, _ = streamed(engines[d], [(jfk, "")], mode, block, "carelesswhisper")
+                secs[d].append(t)
+                texts[d] = tx[0]
+        base = float(np.median(secs[names[0]]))
+        for d in names:
+            med = float(np.median(secs[d]))
+            print(f"{mode:6} {block:5} ms {d:5} median {med:6.2f} s (min {min(secs[d]):.2f})  "
+                  f"x{base / med:.2f} of {names[0]}'s speed  same text as {names[0]}: {texts[d] == texts[names[0]]}"
+                  + ("" if texts[d] == texts[names[0]] else f"  {texts[d]!r}"), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["accuracy", "cost"])
+    p.add_argument("what", choices=["accuracy", "cost", "dtypes"])
+    p.add_argument("--rounds", type=int, default=5, help="dtypes: rounds")
+    p.add_argument("--dtypes", default="fp32,bf16,int8", help="dtypes: the compute dtypes, the first the baseline")
     p.add_argument("--fsdd", type=int, default=10)
     p.add_argument("--espeak", type=int, default=10)
     p.add_argument("--digit-strings", type=int, default=5, help="digit strings per FSDD speaker")
@@ -296,12 +328,12 @@ def main() -> None:
     p.add_argument("--blocks", default="1000,2000", help="block sizes scored beyond jfk.flac")
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"], help="accuracy: the K/V caches' dtype")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="accuracy: the compute dtype")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="accuracy: the compute dtype")
     p.add_argument("--no-offline", action="store_true", help="accuracy: skip offline Whisper's rows")
     args = p.parse_args()
     args.blocks = [int(b) for b in args.blocks.split(",")]
     torch.set_num_threads(args.threads)
-    accuracy(args) if args.what == "accuracy" else cost(args)
+    {"accuracy": accuracy, "cost": cost, "dtypes": dtypes}[args.what](args)
 
 
 if __name__ == "__main__":

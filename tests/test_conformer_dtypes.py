@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from chorus.asr.conformer.checkpoint import save_fastconformer
-from chorus.asr.conformer.precision import Int8Linear, apply_dtype
+from chorus.asr.conformer.precision import apply_dtype
+from chorus.asr.int8_linear import Int8Linear
 from chorus.asr.conformer.streaming import ConformerStreamer
 from chorus.asr.families import load_model
 from chorus.stream.chunking import whole_utterance_chunks

@@ -370,10 +370,10 @@ def test_whisper_tiny_en_bytes_per_stream():
     assert Stub("int8").bytes_per_stream() == 12_572_800 and Stub("auto").bytes_per_stream() == 43_427_968
 
 
-# -- Whisper compute in bf16 (--dtype bf16) ----------------------------------------------------------
+# -- Whisper compute in bf16 and int8 (--dtype) ---------------------------------------------------
 
 @torch.no_grad()
-def test_whisper_bf16_compute_near_fp32_with_either_state(whisper_path):
+def test_whisper_bf16_and_int8_compute_near_fp32_with_either_state(whisper_path):
     fp32 = load_model(whisper_path, "cpu", GREEDY)
     raw = IncrementalLogMel(fp32.model.dims.n_mels)
     mel = torch.cat([raw.accept(_speechlike(2.3, 3)), raw.finish()], dim=1)
@@ -404,5 +404,12 @@ def test_whisper_bf16_compute_near_fp32_with_either_state(whisper_path):
     assert engine.runtime.self_kv.k.dtype == torch.bfloat16
     s = stream_alone(engine.open(StreamRequest(options={"mode": "causal", "block_ms": 200})), _speechlike(1.0, 1), 0.1)
     assert s.done and engine.runtime.pool.used == 0
-    with pytest.raises(ValueError, match="fp32 or bf16"):
-        load_model(whisper_path, "cpu", GREEDY, "int8")
+    int8 = load_model(whisper_path, "cpu", GREEDY, "int8")
+    assert int8.describe()["dtype"] == "int8" and int8.describe()["dtypes"] == ["fp32", "bf16", "int8"]
+    assert type(int8.model.decoder.blocks[0].mlp[0]).__name__ == "Int8Linear"
+    assert int8.model.decoder.token_embedding.weight.dtype == torch.float32   # the logits stay fp32
+    for kv in ("auto", "int8"):
+        err = (logits(int8, kv) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+        assert 0 < err.item() < 0.05, (kv, err)
+    with pytest.raises(ValueError, match="fp32, bf16, int8"):
+        load_model(whisper_path, "cpu", GREEDY, "fp16")

@@ -2,6 +2,9 @@
 
 Law 1: streaming chunk by chunk equals the whole stream computed at once with the equivalent masks.
 Law 2: streams stepped together in batches equal each stream stepped alone.
+Both laws are checked in every compute dtype (`--dtype`, precision.py): fp32 and int8 (each token's
+products are quantized on their own and summed exactly) to float tolerance, with identical tokens;
+bf16, whose products round differently in differently shaped batches, to bf16's precision.
 The models are tiny random-weight FunASR directories written by the tests (paraformer_factories).
 """
 import json
@@ -12,6 +15,7 @@ import yaml
 
 from chorus.asr.paraformer.loader import load_funasr_dir, save_funasr_dir
 from chorus.asr.paraformer.model import ModelConfigError
+from chorus.asr.paraformer.precision import apply_dtype
 from chorus.asr.paraformer.streaming import ChunkSetting, ParaformerStream, ParaformerStreamer
 from paraformer_factories import speechlike, tiny_cmvn, tiny_paraformer, tiny_tokens, write_tiny_dir
 
@@ -19,8 +23,27 @@ SETTINGS = [ChunkSetting((0, 10, 5), 4, 1), ChunkSetting((5, 10, 5), 4, 1), Chun
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return load_funasr_dir(write_tiny_dir(tmp_path_factory.mktemp("paraformer")))
+def tiny_dir(tmp_path_factory):
+    return write_tiny_dir(tmp_path_factory.mktemp("paraformer"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_dir):
+    return load_funasr_dir(tiny_dir)
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8", "bf16"])
+def any_bundle(request, tiny_dir):
+    """The tiny model in each compute dtype."""
+    b = load_funasr_dir(tiny_dir)
+    apply_dtype(b.model, request.param)
+    return b
+
+
+def close_enough(dtype, got, want, fp32_tol):
+    """Law tolerances: fp32's, int8 ten times it, bf16 5 % of the output's scale."""
+    tol = {"fp32": fp32_tol, "int8": 10 * fp32_tol}.get(dtype, 0.05 * want.abs().max().item())
+    return (got - want).abs().max().item() <= tol
 
 
 def run_alone(bundle, audio, setting, streamer=None):
@@ -135,22 +158,26 @@ def test_stream_cuts_audio_as_funasr(bundle):
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=str)
 @pytest.mark.parametrize("seconds", [2.43, 3.0 + 0.05, 1.0])
-def test_streaming_equals_offline_with_chunk_masks(bundle, setting, seconds):
+def test_streaming_equals_offline_with_chunk_masks(any_bundle, setting, seconds):
+    bundle, dtype = any_bundle, getattr(any_bundle.model, "dtype_name", "fp32")
     audio = speechlike(seconds, seed=7)
     feats, results = run_alone(bundle, audio, setting)
     st = ParaformerStreamer(bundle.model, settings=[setting], slots=1)
     ids, encoded = st.offline(torch.cat(feats), tail=feats[-1].shape[0] == 0, setting=setting)
     assert len(encoded) == len(results)
     for r, e in zip(results, encoded):
-        assert r.encoded.shape == e.shape
-        assert (r.encoded - e).abs().max() <= 1e-4
+        assert r.encoded.shape == e.shape and r.encoded.dtype == torch.float32
+        assert close_enough(dtype, r.encoded, e, 1e-4)
     tokens = [t for r in results for t in r.tokens]
-    assert tokens == ids and len(tokens) > 3
+    assert len(tokens) > 3
+    if dtype != "bf16":
+        assert tokens == ids
 
 
 # -- law 2 -------------------------------------------------------------------------------------
 
-def test_batched_streams_equal_streams_alone(bundle):
+def test_batched_streams_equal_streams_alone(any_bundle):
+    bundle, dtype = any_bundle, getattr(any_bundle.model, "dtype_name", "fp32")
     a, b = SETTINGS[0], SETTINGS[1]
     # (setting, start tick, seconds, seed); a tick is 100 ms of audio arriving for every live stream.
     plan = [(a, 0, 2.43, 1), (a, 7, 1.9, 2), (b, 3, 2.05, 3), (a, 13, 0.65, 4), (b, 0, 1.2, 5)]
@@ -186,8 +213,10 @@ def test_batched_streams_equal_streams_alone(bundle):
     for i in range(len(plan)):
         assert len(got[i]) == len(alone[i])
         for x, y in zip(got[i], alone[i]):
-            assert x.tokens == y.tokens and x.token_frames == y.token_frames and x.frames_done == y.frames_done
-            assert (x.encoded - y.encoded).abs().max() <= 1e-5
+            assert x.frames_done == y.frames_done
+            if dtype != "bf16":
+                assert x.tokens == y.tokens and x.token_frames == y.token_frames
+            assert close_enough(dtype, x.encoded, y.encoded, 1e-5)
     assert streamer.pool.used == 0
 
 
@@ -197,3 +226,45 @@ def test_pool_refuses_a_setting_it_was_not_sized_for(bundle):
         streamer.check(SETTINGS[0])
     with pytest.raises(ValueError, match="-1"):
         ChunkSetting((0, 10, 5), -1, 1)
+
+
+# -- compute dtypes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_dtypes_stay_near_fp32_and_size_the_state(bundle, tiny_dir, dtype):
+    setting = SETTINGS[0]
+    audio = speechlike(2.43, seed=7)
+    ref = run_alone(bundle, audio, setting)[1]
+    other = load_funasr_dir(tiny_dir)
+    apply_dtype(other.model, dtype)
+    got = run_alone(other, audio, setting)[1]
+    for r, g in zip(ref, got):
+        err = (g.encoded - r.encoded).pow(2).mean().sqrt() / r.encoded.pow(2).mean().sqrt()
+        assert 0 < err.item() < 0.05   # really computed in the dtype, and close
+    fp32_spec = ParaformerStreamer(bundle.model, slots=1).spec
+    spec = ParaformerStreamer(other.model, slots=1).spec
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32   # int8 keeps fp32 state
+    for name in ("enc_k", "enc_v", "dec_fsmn", "dec_k", "dec_v"):
+        assert spec[name].dtype == want
+    assert spec["feats"].dtype == spec["cif_hidden"].dtype == torch.float32
+    if dtype == "bf16":
+        caches = ("enc_k", "enc_v", "dec_fsmn", "dec_k", "dec_v")
+        assert 2 * sum(spec[n].nbytes for n in caches) == sum(fp32_spec[n].nbytes for n in caches)
+        assert other.model.predictor.cif_output.weight.dtype == torch.float32   # CIF fires in fp32
+        assert other.model.decoder.output_layer.weight.dtype == torch.float32
+    else:
+        assert type(other.model.encoder.encoders[0].self_attn.linear_q_k_v).__name__ == "Int8Linear"
+        assert other.model.decoder.output_layer.weight.dtype == torch.float32
+
+
+def test_dtype_through_load_model(tiny_dir):
+    from chorus.asr.families import load_model
+    from chorus.stream.contract import DecodingDefaults
+    model = load_model(tiny_dir, "cpu", DecodingDefaults(), "bf16")
+    assert model.describe()["dtype"] == "bf16" and model.describe()["dtypes"] == ["fp32", "bf16", "int8"]
+    engine = model.make_engine(slots=2)
+    assert engine.pool.tensors["enc_k"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="load it again"):
+        model.with_dtype("int8")
+    with pytest.raises(ValueError, match="fp16"):
+        load_model(tiny_dir, "cpu", DecodingDefaults(), "fp16")

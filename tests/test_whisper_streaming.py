@@ -1,10 +1,12 @@
 """Law 1 for CarelessWhisper's causal encoder: streamed block by block (incremental conv stem, per-layer
-K/V) it equals the offline block-causal forward on the same mel, however the mel is cut."""
+K/V) it equals the offline block-causal forward on the same mel, however the mel is cut; in fp32 and
+with int8 products (`--dtype int8`)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from chorus.asr.int8_linear import quantize_linears
 from chorus.asr.whisper.loader import CausalConfig, load_whisper
 from chorus.asr.whisper.model import block_causal_mask
 from chorus.asr.whisper.streaming import CausalEncoderStream
@@ -16,9 +18,13 @@ from whisper_factories import tiny_dims, tiny_whisper, write_carelesswhisper
     (120, 4, 0, [120]),                # one piece, whole blocks
     (64, 6, 2, [1] * 64),              # frame by frame, a shorter last block
 ])
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
 @torch.no_grad()
-def test_streamed_encoder_equals_block_causal_offline(n_mel, gran, extra, cuts):
+def test_streamed_encoder_equals_block_causal_offline(n_mel, gran, extra, cuts, dtype):
     model = tiny_whisper(tiny_dims(layers=3), seed=7)
+    if dtype == "int8":
+        assert quantize_linears(model) == 3 * 6 + 3 * 10   # encoder: q, k, v, out, 2 MLP; decoder + cross-attention
+
     mel = torch.randn(1, 80, n_mel)
     n_enc = (n_mel + 1) // 2
     offline = model.encoder(mel, block_causal_mask(n_enc, gran, extra))

@@ -16,47 +16,18 @@
   (ATen's integer GEMM, oneDNN/VNNI on x86; what torchao's int8 dynamic-activation path calls):
   weights quantized once per output channel (symmetric), activations per token at each call
   (dynamic, symmetric).  Norms, attention scores, the depthwise conv and the decoders stay fp32.
-  This is neither the deprecated `torch.ao.quantization` eager API nor its quantized tensors.
+  This is neither the deprecated `torch.ao.quantization` eager API nor its quantized tensors
+  (`Int8Linear`, chorus/asr/int8_linear.py, shared with the other families).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..int8_linear import Int8Linear
 from .asr_model import FastConformerModel
 
 DTYPES = ("fp32", "bf16", "int8")
-
-
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W int8 per output channel and x quantized per token at each call."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.register_buffer("weight_t", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    @classmethod
-    def of(cls, module: nn.Module) -> "Int8Linear":
-        """From an nn.Linear or a kernel-1 nn.Conv1d (applied channels-last)."""
-        weight = module.weight.squeeze(-1) if isinstance(module, nn.Conv1d) else module.weight
-        return cls(weight, module.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.in_features).float()
-        # As few passes over the activations as possible: at 64 streams the quantize and dequantize
-        # passes, not the integer product, were most of the time.
-        x_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
-        xq = torch.div(x, x_scale).round_().to(torch.int8)
-        y = torch.mul(torch._int_mm(xq, self.weight_t), self.weight_scale).mul_(x_scale)  # int32 -> fp32
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.reshape(*shape[:-1], self.out_features)
 
 
 def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:

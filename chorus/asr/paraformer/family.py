@@ -20,6 +20,7 @@ import torch
 from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, Stream, StreamRequest, Token,
                                 UnsupportedOption)
 from .loader import ParaformerBundle, load_funasr_dir
+from .precision import DTYPES, apply_dtype
 from .streaming import ChunkSetting, ParaformerStream, ParaformerStreamer
 from .text import starts_word, tokens_to_text
 
@@ -71,6 +72,12 @@ class ParaformerModel(SpeechModel):
         self.device = next(bundle.model.parameters()).device
         self.tokens = bundle.tokens
 
+    def with_dtype(self, dtype: str) -> "ParaformerModel":
+        """Casts (bf16) or quantizes (int8) the model in place (precision.py); engines made after it
+        keep their caches in the new dtype."""
+        apply_dtype(self.bundle.model, dtype)
+        return self
+
     def make_engine(self, *, slots=None, memory_budget=None, name=None) -> "ParaformerEngine":
         return ParaformerEngine(self, slots=slots, memory_budget=memory_budget, name=name or "paraformer")
 
@@ -80,6 +87,8 @@ class ParaformerModel(SpeechModel):
                 "chunk_ms": {str(lookahead_of(DEFAULT_SETTING)): chunk_ms_of(DEFAULT_SETTING)},
                 "default_lookahead_ms": lookahead_of(DEFAULT_SETTING), "default_beam_size": 1, "lm": False,
                 "sample_rate": self.sample_rate,
+                "dtype": getattr(self.bundle.model, "dtype_name", "fp32"), "dtypes": list(DTYPES),
+                "kv_dtype": "auto", "kv_dtypes": ["auto"],
                 "options": {"chunk_size": [list(c) for c in CHUNK_SIZES],
                             "encoder_chunk_look_back": list(range(MAX_ENCODER_LOOK_BACK + 1)),
                             "decoder_chunk_look_back": list(range(MAX_DECODER_LOOK_BACK + 1)),

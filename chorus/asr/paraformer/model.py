@@ -198,11 +198,17 @@ class SANMEncoderChunkOpt(nn.Module):
         (the chunk's own, plus a look-back cache or a cross-chunk mask).  Returns the output
         [B, T, d] and each layer's chunk keys and values (for the caller's caches)."""
         ks, vs = [], []
+        x = x.to(self.compute_dtype)
         for layer, attn_fn in zip(self.layers, attn_fns):
             x, k_h, v_h = layer(x, valid, attn_fn)
             ks.append(k_h)
             vs.append(v_h)
-        return self.after_norm(x), ks, vs
+        return self.after_norm(x.to(self.after_norm.weight.dtype)), ks, vs
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The layers' dtype (precision.py): bf16, or fp32 (also for int8, whose products take fp32 in)."""
+        return self.encoders0[0].norm1.weight.dtype
 
 
 # -- predictor -------------------------------------------------------------------------------
@@ -335,7 +341,8 @@ class ParaformerSANMDecoder(nn.Module):
         cross-attention look-back put before the memory's keys; key_valid [B, 1|N, C+T].
         Returns (log-probs [B, N, V], new fsmn cache, per-layer memory keys, values).
         """
-        x = tgt
+        dtype = self.decoders[0].norm1.weight.dtype   # bf16 or fp32 (precision.py)
+        x, memory, fsmn_cache = tgt.to(dtype), memory.to(dtype), fsmn_cache.to(dtype)
         new_fsmn, mem_k, mem_v = [], [], []
         for i, layer in enumerate(self.decoders):
             residual = x
@@ -353,7 +360,7 @@ class ParaformerSANMDecoder(nn.Module):
             x = x + src.linear_out(_merge(masked_softmax_attend(q, k_h, v_h, key_valid)))
         for layer in self.decoders3:
             x = layer.feed_forward(layer.norm1(x))   # no residual: FunASR's last layer has no attention
-        logp = torch.log_softmax(self.output_layer(self.after_norm(x)), dim=-1)
+        logp = torch.log_softmax(self.output_layer(self.after_norm(x.to(self.after_norm.weight.dtype))), dim=-1)
         return logp, torch.stack(new_fsmn), mem_k, mem_v
 
 

@@ -83,8 +83,10 @@ DEFAULT_SETTING = ChunkSetting()
 
 
 def paraformer_state_spec(model: ParaformerStreamingModel, settings=(DEFAULT_SETTING,)) -> StateSpec:
-    """Per-stream state, sized for the largest of the settings the pool will serve."""
+    """Per-stream state, sized for the largest of the settings the pool will serve.  The layers' caches
+    are kept in the compute dtype (bf16 halves them); the input overlap and CIF's carry stay fp32."""
     cfg = model.cfg
+    dt = model.encoder.compute_dtype
     d, dk_e, dk_d = cfg.d_model, cfg.d_model // cfg.enc_heads, cfg.d_model // cfg.dec_heads
     ov = max(s.overlap for s in settings)
     ec = max(s.encoder_cache for s in settings)
@@ -93,14 +95,14 @@ def paraformer_state_spec(model: ParaformerStreamingModel, settings=(DEFAULT_SET
         feats=TensorSpec((ov, cfg.input_size)),       # overlap: last c0+c2 embedded input frames
         pos=TensorSpec((), torch.long),               # LFR frames embedded so far (positions)
         chunks=TensorSpec((), torch.long),            # chunks stepped so far
-        enc_k=TensorSpec((cfg.enc_blocks, cfg.enc_heads, ec, dk_e)),
-        enc_v=TensorSpec((cfg.enc_blocks, cfg.enc_heads, ec, dk_e)),
+        enc_k=TensorSpec((cfg.enc_blocks, cfg.enc_heads, ec, dk_e), dt),
+        enc_v=TensorSpec((cfg.enc_blocks, cfg.enc_heads, ec, dk_e), dt),
         enc_len=TensorSpec((), torch.long),           # valid (right-aligned) look-back frames
         cif_hidden=TensorSpec((d,)),
         cif_alpha=TensorSpec(()),
-        dec_fsmn=TensorSpec((cfg.dec_blocks, d, cfg.dec_kernel - 1)),
-        dec_k=TensorSpec((cfg.dec_blocks, cfg.dec_heads, dc, dk_d)),
-        dec_v=TensorSpec((cfg.dec_blocks, cfg.dec_heads, dc, dk_d)),
+        dec_fsmn=TensorSpec((cfg.dec_blocks, d, cfg.dec_kernel - 1), dt),
+        dec_k=TensorSpec((cfg.dec_blocks, cfg.dec_heads, dc, dk_d), dt),
+        dec_v=TensorSpec((cfg.dec_blocks, cfg.dec_heads, dc, dk_d), dt),
         dec_len=TensorSpec((), torch.long),
     )
 

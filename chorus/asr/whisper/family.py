@@ -48,9 +48,11 @@ from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE, LayerNorm
 from ...cache.quantized import paged_bytes_per_token
+from ..int8_linear import quantize_linears
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
 MODES = ("causal", "window", "padded")
+DTYPES = ("fp32", "bf16", "int8")  # compute dtypes (`--dtype`, with_dtype)
 BLOCK_MS = (200, 500, 1000, 2000)
 DEFAULT_MODE = "padded"        # the best measured on stock tiny.en (README: Whisper; bench/whisper_streaming.py)
 # each mode's default block (README: Whisper): padded 2000 ms (1000 ms is more accurate on digit strings, at twice
@@ -134,19 +136,25 @@ class WhisperModel(SpeechModel):
         return mode, int(block), look_back, commit
 
     def with_dtype(self, dtype: str) -> "WhisperModel":
-        """fp32, or bf16: every weight and activation in bfloat16 but the layer norms, which compute in fp32
-        as openai/whisper's do (model.LayerNorm casts), and the logits, read as fp32; the K/V caches follow
-        the compute dtype unless `with_kv_dtype("int8")`.  No int8 products for Whisper."""
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"--dtype {dtype}: Whisper computes in fp32 or bf16")
+        """fp32; bf16: every weight and activation in bfloat16 but the layer norms, which compute in fp32
+        as openai/whisper's do (model.LayerNorm casts), and the logits, read as fp32; int8: every linear
+        layer of the encoder and decoder blocks (attention projections, MLPs) as int8 x int8 -> int32
+        (`Int8Linear`: weights per output channel, activations per token), the convolution stem, the norms,
+        attention and the logits (the tied token embedding) in fp32.  The K/V caches follow the compute
+        dtype (fp32 for int8) unless `with_kv_dtype("int8")`."""
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype}: Whisper computes in {', '.join(DTYPES)}")
         if dtype == self.dtype_name:
             return self
         if self.dtype_name != "fp32":
             raise ValueError(f"the model already computes in {self.dtype_name}; load it again for {dtype}")
-        self.model.to(torch.bfloat16)
-        for module in self.model.modules():
-            if isinstance(module, LayerNorm):
-                module.float()
+        if dtype == "bf16":
+            self.model.to(torch.bfloat16)
+            for module in self.model.modules():
+                if isinstance(module, LayerNorm):
+                    module.float()
+        else:
+            quantize_linears(self.model)
         self.dtype_name = dtype
         return self
 
@@ -191,7 +199,7 @@ class WhisperModel(SpeechModel):
         return {"family": self.family, "format": self.bundle.format, "decoders": ["greedy"],
                 "default_decoder": "greedy", "lookahead_ms": blocks, "chunk_ms": {str(b): b for b in blocks},
                 "default_lookahead_ms": self.default_block_ms(default), "default_beam_size": 1, "lm": False,
-                "sample_rate": self.sample_rate, "dtype": self.dtype_name, "dtypes": ["fp32", "bf16"],
+                "sample_rate": self.sample_rate, "dtype": self.dtype_name, "dtypes": list(DTYPES),
                 "kv_dtype": self.kv_dtype, "kv_dtypes": ["auto", "int8"],
                 "options": {"mode": list(MODES), "block_ms": {m: self.blocks_ms(m) for m in MODES},
                             "look_back": list(range(9)), "commit": list(COMMIT_RULES),

@@ -1,0 +1,48 @@
+"""Compute dtypes of a streaming Paraformer (`--dtype`): fp32 (FunASR's), bf16, int8.
+
+* bf16: the encoder and decoder layers, and their caches in the slot pool (encoder look-back K/V,
+  decoder FSMN inputs and cross-attention K/V), in bfloat16.  Kept fp32: the embedded input frames
+  (the overlap carried between chunks), the encoder's final norm, so the predictor reads an unrounded
+  encoder output, the CIF predictor and its integrate-and-fire (a token fires where the summed weights
+  cross 1.0; a bf16 sum, 3 significant digits, would move fires), and the decoder's final norm and
+  output layer (the logits).
+* int8: every nn.Linear of the encoder and decoder layers (the fused Q/K/V, attention outputs,
+  feed-forwards, the cross-attention's Q and K/V) as int8 x int8 -> int32 (`Int8Linear`: weights per
+  output channel, activations per token at each call).  The FSMN convolutions, norms, attention scores,
+  the predictor and the output layer stay fp32, and so does the state.
+
+Both are a documented mix, like the FastConformer's (chorus/asr/conformer/precision.py).  No trained
+Paraformer weights exist on these machines, so accuracy against fp32 is not measured; the tests check
+the laws and the distance from fp32 on random weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..int8_linear import quantize_linears
+from .model import ParaformerStreamingModel
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def apply_dtype(model: ParaformerStreamingModel, dtype: str) -> ParaformerStreamingModel:
+    """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: the paraformer family computes in {', '.join(DTYPES)}")
+    current = getattr(model, "dtype_name", "fp32")
+    if dtype == current:
+        return model
+    if current != "fp32":
+        raise ValueError(f"the model already computes in {current}; load it again for {dtype}")
+    encoder, decoder = model.encoder, model.decoder
+    if dtype == "bf16":
+        encoder.to(torch.bfloat16)
+        encoder.after_norm.float()
+        decoder.to(torch.bfloat16)
+        decoder.after_norm.float()
+        decoder.output_layer.float()
+    else:
+        quantize_linears(encoder)
+        quantize_linears(decoder, keep=(decoder.output_layer,))
+    model.dtype_name = dtype
+    return model
