@@ -8,7 +8,7 @@ The real-size FastConformer's encoder products (17 layers: Q/K/V 512->1536, outp
 has (7 frames per stream: 1, 16, 32, 64 streams), in fp32 and bf16: `F.linear` against oneDNN's packed weights
 (`chorus.asr.packed_linear`) and against chorus' own kernels (`chorus.asr.rows_kernel`; the server uses the bf16
 one up to 8 rows only).  Then the depthwise convolution (kernel 9, 512 channels, 7 new frames) as
-`F.conv1d` with groups against `_depthwise_channels_last`.  Then the greedy RNNT label loop of one 7-frame step
+`F.conv1d` with groups against `depthwise_channels_last`.  Then the greedy RNNT label loop of one 7-frame step
 (real-size predictor and joint, random heads, so every frame emits --max-symbols labels) with its products
 plain, through oneDNN, and through chorus' fp32 kernel.  Medians of --repeats passes, the sides alternating; prints the
 ratios to the plain side.
@@ -27,7 +27,7 @@ from chorus.asr import rows_kernel
 from chorus.asr import packed_linear as pl
 from chorus.asr.conformer.decoding import rnnt_greedy
 from chorus.asr.conformer.heads import RNNTJoint, RNNTPredictor
-from chorus.asr.conformer.model import _depthwise_channels_last
+from chorus.asr.depthwise import depthwise_channels_last
 
 LAYER_SHAPES = [(1536, 512), (512, 512), (2048, 512), (512, 2048), (2048, 512), (512, 2048), (1024, 512), (512, 512)]
 
@@ -98,9 +98,9 @@ def main() -> int:
         window = torch.randn(n, 15, 512)
         with torch.no_grad():
             ref = conv(window.transpose(1, 2)).transpose(1, 2)
-            diff = (_depthwise_channels_last(conv, window) - ref).abs().max().item()
+            diff = (depthwise_channels_last(conv, window) - ref).abs().max().item()
             grouped = lambda: [conv(window.transpose(1, 2)).transpose(1, 2) for _ in range(args.layers)]  # noqa: E731
-            channels_last = lambda: [_depthwise_channels_last(conv, window) for _ in range(args.layers)]  # noqa: E731
+            channels_last = lambda: [depthwise_channels_last(conv, window) for _ in range(args.layers)]  # noqa: E731
             a, b = alternate([grouped, channels_last], args.repeats)
         print(f"| fp32 | {n} | {a * 1e3:.2f} | {b * 1e3:.2f} | x{a / b:.2f} | {diff:.1e} |", flush=True)
 

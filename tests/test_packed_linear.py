@@ -12,7 +12,7 @@ from torch import nn
 
 from chorus.asr import rows_kernel
 from chorus.asr import packed_linear as pl
-from chorus.asr.conformer.model import _depthwise_channels_last
+from chorus.asr.depthwise import depthwise_channels_last
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -127,6 +127,6 @@ def test_depthwise_channels_last_equals_conv1d(bias, batch, t):
     window = torch.randn(batch, 8 + t, 48)
     with torch.no_grad():
         ref = conv(window.transpose(1, 2)).transpose(1, 2)
-        out = _depthwise_channels_last(conv, window)
+        out = depthwise_channels_last(conv, window)
     assert out.shape == (batch, t, 48)
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)

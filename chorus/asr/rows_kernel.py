@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ SPLIT_MIN_WEIGHT_BYTES = 256 * 1024
 
 _lock = threading.Lock()
 _state: dict = {}
+log = logging.getLogger(__name__)
 
 
 def _disabled_reason() -> str | None:
@@ -128,6 +130,13 @@ def status() -> str:
         return f"off ({_state['reason']})"
     bf16 = "on" if kernel(torch.bfloat16) is not None else f"off ({_state['bf16_reason']})"
     return f"fp32 on, bf16 {bf16}"
+
+
+def prepare(device: torch.device | str) -> None:
+    """For a model about to serve on `device`: on CPU, build the kernels now (not inside a first request's
+    step, which would hold up the event loop) and log which are on."""
+    if torch.device(device).type == "cpu":
+        log.info("few-row products through chorus' kernels: %s", status())
 
 
 @contextmanager

@@ -7,7 +7,6 @@ search (fused with an n-gram LM) after it, the streams that search alike advance
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from .beam import BeamConfig, Hyp, Label, RnntBeamSearch
 from .checkpoint import LoadedModel, load_fastconformer
 from .precision import DTYPES, apply_dtype
 from .streaming import KV_DTYPES, ConformerStreamer, StepResult, StreamSetting, apply_kv_dtype
-
-log = logging.getLogger(__name__)
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "models"
 BUNDLED_MODEL = PACKAGE_MODELS / "default_asr.nemo"
@@ -308,8 +305,7 @@ def _is_nemo(path: Path) -> bool:
 
 def load_conformer(path: Path, device: torch.device, decoding: DecodingDefaults) -> ConformerModel:
     loaded = load_fastconformer(path, device)
-    if torch.device(device).type == "cpu":  # build the few-row kernels now, not inside a first request's step
-        log.info("few-row products through chorus' kernels: %s", rows_kernel.status())
+    rows_kernel.prepare(device)
     search = make_search(loaded, beam_size=decoding.beam_size, lm=decoding.lm, lm_weight=decoding.lm_weight,
                          length_bonus=decoding.length_bonus)
     return ConformerModel(loaded, search)

@@ -19,6 +19,7 @@ import torch
 
 from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, Stream, StreamRequest, Token,
                                 UnsupportedOption)
+from .. import rows_kernel
 from .loader import ParaformerBundle, load_funasr_dir
 from .precision import DTYPES, apply_dtype
 from .streaming import ChunkSetting, ParaformerStream, ParaformerStreamer
@@ -209,7 +210,9 @@ def load_paraformer(path: Path, device: torch.device, decoding: DecodingDefaults
         raise ValueError(f"{path}: a Paraformer decodes greedily; --beam is for FastConformer RNNT heads")
     if decoding.lm not in (None, "auto", "none"):
         raise ValueError(f"{path}: a Paraformer takes no language model")
-    return ParaformerModel(load_funasr_dir(path, device), str(path))
+    model = ParaformerModel(load_funasr_dir(path, device), str(path))
+    rows_kernel.prepare(device)
+    return model
 
 
 FAMILY = Family("paraformer", "a FunASR streaming Paraformer model directory (config.yaml, model.pt, tokens.json, "

@@ -4,7 +4,9 @@ Module and parameter names follow FunASR (`SANMEncoderChunkOpt`, `CifPredictorV2
 `ParaformerSANMDecoder`) so that a FunASR `model.pt` loads with strict key checking.  The
 maths is FunASR's `forward_chunk` path, written for a batch of streams whose chunks may
 differ in length: every layer takes a validity mask, and the per-stream caches are fixed-size,
-right-aligned buffers with a length (streaming.py keeps them in a SlotPool).
+right-aligned buffers with a length (streaming.py keeps them in a SlotPool).  At inference on CPU the
+products go through packed weights and chorus' few-row kernels (asr/packed_linear.py) and the FSMN
+blocks through channels-last multiply-adds (asr/depthwise.py), as the FastConformer's do.
 
 Shapes are batch-first: features `[B, T, 560]`, hidden `[B, T, d]`, attention `[B, h, T, d_k]`.
 """
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..depthwise import depthwise_channels_last
+from ..packed_linear import linear
 
 
 class ModelConfigError(ValueError):
@@ -115,7 +120,7 @@ class PositionwiseFeedForward(nn.Module):
         self.w_2 = nn.Linear(units, d)
 
     def forward(self, x):
-        return self.w_2(torch.relu(self.w_1(x)))
+        return linear(self.w_2, torch.relu(linear(self.w_1, x)))
 
 
 class MultiHeadedAttentionSANM(nn.Module):
@@ -130,18 +135,18 @@ class MultiHeadedAttentionSANM(nn.Module):
         self.pads = _fsmn_pads(kernel, shfit)
 
     def qkv(self, x):
-        q, k, v = self.linear_q_k_v(x).split(self.h * self.d_k, dim=-1)
+        q, k, v = linear(self.linear_q_k_v, x).split(self.h * self.d_k, dim=-1)
         return _heads(q, self.h), _heads(k, self.h), _heads(v, self.h), v
 
     def fsmn(self, v, valid):
         # FunASR runs the FSMN on the chunk alone, zero-padded: there is no FSMN cache in the
         # encoder (the 5-frame feature overlap between chunks gives it left context instead).
         v = v * valid[:, :, None].to(v.dtype)
-        x = self.fsmn_block(F.pad(v.transpose(1, 2), self.pads)).transpose(1, 2)
+        x = depthwise_channels_last(self.fsmn_block, F.pad(v, (0, 0, *self.pads)))
         return x + v
 
     def attend(self, q_h, k_h, v_h, key_valid):
-        return self.linear_out(_merge(masked_softmax_attend(q_h * self.d_k ** -0.5, k_h, v_h, key_valid)))
+        return linear(self.linear_out, _merge(masked_softmax_attend(q_h * self.d_k ** -0.5, k_h, v_h, key_valid)))
 
 
 class EncoderLayerSANM(nn.Module):
@@ -281,7 +286,7 @@ class PositionwiseFeedForwardDecoderSANM(nn.Module):
         self.norm = LayerNorm(units)
 
     def forward(self, x):
-        return self.w_2(self.norm(torch.relu(self.w_1(x))))
+        return linear(self.w_2, self.norm(torch.relu(linear(self.w_1, x))))
 
 
 class MultiHeadedAttentionSANMDecoder(nn.Module):
@@ -302,7 +307,7 @@ class MultiHeadedAttentionCrossAtt(nn.Module):
         self.linear_out = nn.Linear(d, d)
 
     def kv(self, memory):
-        k, v = self.linear_k_v(memory).split(self.h * self.d_k, dim=-1)
+        k, v = linear(self.linear_k_v, memory).split(self.h * self.d_k, dim=-1)
         return _heads(k, self.h), _heads(v, self.h)
 
 
@@ -349,18 +354,18 @@ class ParaformerSANMDecoder(nn.Module):
             t = layer.norm2(layer.feed_forward(layer.norm1(x)))
             z = torch.cat([fsmn_cache[i], t.transpose(1, 2)], dim=2)       # [B, d, k-1+N]
             new_fsmn.append(tail_gather(fsmn_cache[i], t.transpose(1, 2), tgt_len, dim=2))
-            x = residual + (layer.self_attn.fsmn_block(z).transpose(1, 2) + t)
+            x = residual + (depthwise_channels_last(layer.self_attn.fsmn_block, z.transpose(1, 2)) + t)
             src = layer.src_attn
-            q = _heads(src.linear_q(layer.norm3(x)), src.h) * src.d_k ** -0.5
+            q = _heads(linear(src.linear_q, layer.norm3(x)), src.h) * src.d_k ** -0.5
             k_h, v_h = src.kv(memory)
             mem_k.append(k_h)
             mem_v.append(v_h)
             if k_cache is not None:
                 k_h, v_h = torch.cat([k_cache[i], k_h], dim=2), torch.cat([v_cache[i], v_h], dim=2)
-            x = x + src.linear_out(_merge(masked_softmax_attend(q, k_h, v_h, key_valid)))
+            x = x + linear(src.linear_out, _merge(masked_softmax_attend(q, k_h, v_h, key_valid)))
         for layer in self.decoders3:
             x = layer.feed_forward(layer.norm1(x))   # no residual: FunASR's last layer has no attention
-        logp = torch.log_softmax(self.output_layer(self.after_norm(x.to(self.after_norm.weight.dtype))), dim=-1)
+        logp = torch.log_softmax(linear(self.output_layer, self.after_norm(x.to(self.after_norm.weight.dtype))), dim=-1)
         return logp, torch.stack(new_fsmn), mem_k, mem_v
 
 
