@@ -80,9 +80,11 @@ def main() -> None:
             step = float(np.median(med[d]))
             got = torch.cat(outs[d])
             err = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+            ratio = float(np.median(med[names[0]])) / step
+            slot_mib = streamers[d].spec.bytes_per_slot / 2**20
             print(f"B={b:3d} {d:5} median step {1000 * step:8.1f} ms  {b * chunk_s / step:7.1f} audio-s/s  "
-                  f"x{float(np.median(med[names[0]])) / step:.2f} of {names[0]}  state {streamers[d].spec.bytes_per_slot / 2**20:.2f} "
-                  f"MiB/slot  encoder RMS vs {names[0]} {100 * err:.2f} %", flush=True)
+                  f"x{ratio:.2f} of {names[0]}  state {slot_mib:.2f} MiB/slot  "
+                  f"encoder RMS vs {names[0]} {100 * err:.2f} %", flush=True)
 
 
 if __name__ == "__main__":
