@@ -115,7 +115,7 @@ def test_load_model_dtype_and_refusals(tmp_path):
     model = load_model(path, "cpu", DecodingDefaults(beam_size=1, lm="none"), "int8")
     assert model.describe()["dtype"] == "int8" and model.describe()["dtypes"] == ["fp32", "bf16", "int8"]
     assert load_model(path, "cpu", DecodingDefaults(beam_size=1, lm="none")).describe()["dtype"] == "fp32"
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="computes in fp32, bf16, int8"):
         load_model(path, "cpu", DecodingDefaults(beam_size=1, lm="none"), "fp8")
     with pytest.raises(ValueError, match="load it again"):
         model.with_dtype("bf16")

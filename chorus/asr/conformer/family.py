@@ -18,10 +18,11 @@ from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, S
                                 UnsupportedOption)
 from ...stream.features import OnlineMel
 from .. import rows_kernel
+from ..dtypes import DTYPES
 from ..ngram import NgramLM
 from .beam import BeamConfig, Hyp, Label, RnntBeamSearch
 from .checkpoint import LoadedModel, load_fastconformer
-from .precision import DTYPES, apply_dtype
+from .precision import apply_dtype
 from .streaming import KV_DTYPES, ConformerStreamer, StepResult, StreamSetting, apply_kv_dtype
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -24,21 +24,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..dtypes import needs_switch
 from ..int8_linear import Int8Linear
 from .asr_model import FastConformerModel
 
-DTYPES = ("fp32", "bf16", "int8")
 
 
 def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
     """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    current = getattr(model, "dtype_name", "fp32")
-    if dtype == current:
+    if not needs_switch(getattr(model, "dtype_name", "fp32"), dtype, "fastconformer"):
         return model
-    if current != "fp32":
-        raise ValueError(f"the model already computes in {current}; load it again for {dtype}")
     if dtype == "bf16":
         model.encoder.to(torch.bfloat16)
         model.encoder.pre_encode.conv[0].float()

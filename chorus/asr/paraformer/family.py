@@ -20,8 +20,9 @@ import torch
 from ...stream.contract import (DecodingDefaults, Engine, Family, SpeechModel, Stream, StreamRequest, Token,
                                 UnsupportedOption)
 from .. import rows_kernel
+from ..dtypes import DTYPES
 from .loader import ParaformerBundle, load_funasr_dir
-from .precision import DTYPES, apply_dtype
+from .precision import apply_dtype
 from .streaming import ChunkSetting, ParaformerStream, ParaformerStreamer
 from .text import starts_word, tokens_to_text
 

@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import needs_switch
 from ..int8_linear import quantize_linears
 from .model import ParaformerStreamingModel
 
-DTYPES = ("fp32", "bf16", "int8")
 
 
 def apply_dtype(model: ParaformerStreamingModel, dtype: str) -> ParaformerStreamingModel:
     """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype}: the paraformer family computes in {', '.join(DTYPES)}")
-    current = getattr(model, "dtype_name", "fp32")
-    if dtype == current:
+    if not needs_switch(getattr(model, "dtype_name", "fp32"), dtype, "paraformer"):
         return model
-    if current != "fp32":
-        raise ValueError(f"the model already computes in {current}; load it again for {dtype}")
     encoder, decoder = model.encoder, model.decoder
     if dtype == "bf16":
         encoder.to(torch.bfloat16)

@@ -48,11 +48,11 @@ from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE, LayerNorm
 from ...cache.quantized import paged_bytes_per_token
+from ..dtypes import DTYPES, needs_switch
 from ..int8_linear import quantize_linears
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
 MODES = ("causal", "window", "padded")
-DTYPES = ("fp32", "bf16", "int8")  # compute dtypes (`--dtype`, with_dtype)
 BLOCK_MS = (200, 500, 1000, 2000)
 DEFAULT_MODE = "padded"        # the best measured on stock tiny.en (README: Whisper; bench/whisper_streaming.py)
 # each mode's default block (README: Whisper): padded 2000 ms (1000 ms is more accurate on digit strings, at twice
@@ -142,12 +142,8 @@ class WhisperModel(SpeechModel):
         (`Int8Linear`: weights per output channel, activations per token), the convolution stem, the norms,
         attention and the logits (the tied token embedding) in fp32.  The K/V caches follow the compute
         dtype (fp32 for int8) unless `with_kv_dtype("int8")`."""
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype}: Whisper computes in {', '.join(DTYPES)}")
-        if dtype == self.dtype_name:
+        if not needs_switch(self.dtype_name, dtype, self.family):
             return self
-        if self.dtype_name != "fp32":
-            raise ValueError(f"the model already computes in {self.dtype_name}; load it again for {dtype}")
         if dtype == "bf16":
             self.model.to(torch.bfloat16)
             for module in self.model.modules():
