@@ -1,17 +1,26 @@
 """Per-utterance comparison of a FastConformer's fp32 and another compute dtype on a manifest.
 
     python bench/dtype_paired.py MANIFEST [--dtype bf16] [--model fastconformer] [--lookahead-ms 480]
+    python bench/dtype_paired.py flite-awb [--dtype bf16]
+
+`flite-awb` instead of a manifest: the 50 English sentences of bench/tts_roundtrip.py and
+bench/whisper_streaming.py spoken by flite's awb voice (one of the bundled FastConformer's held-out voices),
+synthesized into a temporary directory (needs the `flite` program).
 
 Streams every file of the manifest through fp32 and through --dtype (the live path, as `chorus eval`), with
-greedy RNNT, greedy CTC and beam 8 (+ the model's LM), and counts the utterances only one of the two got right.
-A two-sided sign test on those discordant utterances says whether the WER difference could be chance: on a set
-of short utterances a WER change of a few utterances is often not distinguishable from zero.
+greedy RNNT, greedy CTC and beam 8 (+ the model's LM), and prints each WER, then per utterance: how many had
+more word errors in --dtype than in fp32 and how many fewer.  A two-sided sign test on those says whether the
+WER difference could be chance: on a set of short utterances a change of a few words is often not
+distinguishable from zero.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,22 +34,48 @@ from chorus.stream.contract import StreamRequest  # noqa: E402
 DECODINGS = (("rnnt", 1), ("ctc", 1), ("rnnt", 8))
 
 
+def word_errors(ref: str, hyp: str) -> int:
+    """Word-level edit distance (substitutions, deletions, insertions)."""
+    r, h = ref.split(), hyp.split()
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[-1]
+
+
 def sign_test(a: int, b: int) -> float:
     """Two-sided p of a and b discordant counts under equal chances."""
     n, k = a + b, min(a, b)
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
+def flite_awb_manifest(directory: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tts_roundtrip import SENTENCES as ROUNDTRIP
+    from whisper_streaming import SENTENCES as STREAMING
+    manifest = directory / "flite_awb.json"
+    with open(manifest, "w") as f:
+        for i, text in enumerate(list(ROUNDTRIP) + list(STREAMING)):
+            path = directory / f"{i:03d}.wav"
+            subprocess.run(["flite", "-voice", "awb", "-t", text, "-o", str(path)], check=True)
+            f.write(json.dumps({"audio_filepath": str(path), "text": text}) + "\n")
+    return manifest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("manifest")
+    ap.add_argument("manifest", help="a chorus eval manifest, or flite-awb")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "int8"])
     ap.add_argument("--model", default="fastconformer")
     ap.add_argument("--lookahead-ms", type=int, default=480)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = read_manifest(args.manifest)
+    tmp = tempfile.TemporaryDirectory()
+    manifest = flite_awb_manifest(Path(tmp.name)) if args.manifest == "flite-awb" else args.manifest
+    rows = read_manifest(manifest)
     files = [r["audio_filepath"] for r in rows]
     refs = [normalize_for_scoring(r["text"]) for r in rows]
     hyps = {}
@@ -51,13 +86,15 @@ def main() -> None:
             hyps[dtype, decoder, beam] = [normalize_for_scoring(r.text)
                                           for r in transcribe_files(engine, files, request, concurrency=8)]
     print(f"{args.manifest}: {len(rows)} utterances, {args.lookahead_ms} ms, fp32 against {args.dtype}")
+    words = sum(len(r.split()) for r in refs)
     for decoder, beam in DECODINGS:
-        right = {d: [h == r for h, r in zip(hyps[d, decoder, beam], refs)] for d in ("fp32", args.dtype)}
-        only_fp32 = sum(x and not y for x, y in zip(right["fp32"], right[args.dtype]))
-        only_other = sum(y and not x for x, y in zip(right["fp32"], right[args.dtype]))
-        print(f"{decoder} beam {beam}: right fp32 {sum(right['fp32'])}, {args.dtype} {sum(right[args.dtype])}; "
-              f"only fp32 right {only_fp32}, only {args.dtype} right {only_other}; "
-              f"sign test p = {sign_test(only_fp32, only_other):.2f}", flush=True)
+        errors = {d: [word_errors(r, h) for r, h in zip(refs, hyps[d, decoder, beam])] for d in ("fp32", args.dtype)}
+        wer = {d: 100 * sum(e) / words for d, e in errors.items()}
+        worse = sum(b > a for a, b in zip(errors["fp32"], errors[args.dtype]))
+        better = sum(b < a for a, b in zip(errors["fp32"], errors[args.dtype]))
+        print(f"{decoder} beam {beam}: WER fp32 {wer['fp32']:.2f} %, {args.dtype} {wer[args.dtype]:.2f} % "
+              f"({wer[args.dtype] - wer['fp32']:+.2f} points); utterances with more errors in {args.dtype} {worse}, "
+              f"fewer {better}; sign test p = {sign_test(worse, better):.2f}", flush=True)
 
 
 if __name__ == "__main__":
