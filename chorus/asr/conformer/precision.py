@@ -29,7 +29,6 @@ from ..int8_linear import Int8Linear
 from .asr_model import FastConformerModel
 
 
-
 def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
     """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
     if not needs_switch(getattr(model, "dtype_name", "fp32"), dtype, "fastconformer"):

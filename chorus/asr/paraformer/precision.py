@@ -24,7 +24,6 @@ from ..int8_linear import quantize_linears
 from .model import ParaformerStreamingModel
 
 
-
 def apply_dtype(model: ParaformerStreamingModel, dtype: str) -> ParaformerStreamingModel:
     """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
     if not needs_switch(getattr(model, "dtype_name", "fp32"), dtype, "paraformer"):
