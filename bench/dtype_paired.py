@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jiwer
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,14 +36,9 @@ DECODINGS = (("rnnt", 1), ("ctc", 1), ("rnnt", 8))
 
 
 def word_errors(ref: str, hyp: str) -> int:
-    """Word-level edit distance (substitutions, deletions, insertions)."""
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1]
+    """Substitutions, deletions and insertions (jiwer's alignment, as `chorus eval` scores)."""
+    out = jiwer.process_words(ref, hyp)
+    return out.substitutions + out.deletions + out.insertions
 
 
 def sign_test(a: int, b: int) -> float:
