@@ -395,6 +395,8 @@ def test_whisper_bf16_and_int8_compute_near_fp32_with_either_state(whisper_path)
     bf16 = load_model(whisper_path, "cpu", GREEDY, "bf16")
     assert bf16.describe()["dtype"] == "bf16" and bf16.model.decoder.token_embedding.weight.dtype == torch.bfloat16
     assert bf16.model.decoder.ln.weight.dtype == torch.float32  # layer norms compute in fp32, as openai/whisper's
+    for name in ("decoder.ln.weight", "decoder.ln.bias", "encoder.ln_post.weight", "decoder.blocks.0.attn_ln.bias"):
+        assert torch.equal(bf16.model.get_parameter(name), fp32.model.get_parameter(name))  # exact, not rounded
     for kv in ("auto", "int8"):
         got = logits(bf16, kv)
         assert got.dtype == torch.float32

@@ -252,6 +252,9 @@ def test_dtypes_stay_near_fp32_and_size_the_state(bundle, tiny_dir, dtype):
         assert 2 * sum(spec[n].nbytes for n in caches) == sum(fp32_spec[n].nbytes for n in caches)
         assert other.model.predictor.cif_output.weight.dtype == torch.float32   # CIF fires in fp32
         assert other.model.decoder.output_layer.weight.dtype == torch.float32
+        for kept in ("decoder.output_layer", "decoder.after_norm", "encoder.after_norm"):   # exact, not rounded
+            want = bundle.model.get_submodule(kept).state_dict()
+            assert all(torch.equal(t, want[n]) for n, t in other.model.get_submodule(kept).state_dict().items())
     else:
         assert type(other.model.encoder.encoders[0].self_attn.linear_q_k_v).__name__ == "Int8Linear"
         assert other.model.decoder.output_layer.weight.dtype == torch.float32

@@ -17,9 +17,7 @@ the laws and the distance from fp32 on random weights.
 """
 from __future__ import annotations
 
-import torch
-
-from ..dtypes import needs_switch
+from ..dtypes import cast_to_bf16, needs_switch
 from ..int8_linear import quantize_linears
 from .model import ParaformerStreamingModel
 
@@ -30,11 +28,8 @@ def apply_dtype(model: ParaformerStreamingModel, dtype: str) -> ParaformerStream
         return model
     encoder, decoder = model.encoder, model.decoder
     if dtype == "bf16":
-        encoder.to(torch.bfloat16)
-        encoder.after_norm.float()
-        decoder.to(torch.bfloat16)
-        decoder.after_norm.float()
-        decoder.output_layer.float()
+        cast_to_bf16(encoder, [encoder.after_norm])
+        cast_to_bf16(decoder, [decoder.after_norm, decoder.output_layer])
     else:
         quantize_linears(encoder)
         quantize_linears(decoder, keep=(decoder.output_layer,))

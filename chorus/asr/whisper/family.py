@@ -48,7 +48,7 @@ from .frontend import FLOOR, IncrementalLogMel, normalise
 from .loader import CausalConfig, WhisperBundle, WhisperCheckpointError, detect_format, load_whisper
 from .model import ENCODER_FRAME_SECONDS, N_FRAMES, SAMPLE_RATE, LayerNorm
 from ...cache.quantized import paged_bytes_per_token
-from ..dtypes import DTYPES, needs_switch
+from ..dtypes import DTYPES, cast_to_bf16, needs_switch
 from ..int8_linear import quantize_linears
 from .runtime import DecodeJob, WhisperRuntime, decode_step, encode_causal, encode_window
 
@@ -145,10 +145,7 @@ class WhisperModel(SpeechModel):
         if not needs_switch(self.dtype_name, dtype, self.family):
             return self
         if dtype == "bf16":
-            self.model.to(torch.bfloat16)
-            for module in self.model.modules():
-                if isinstance(module, LayerNorm):
-                    module.float()
+            cast_to_bf16(self.model, [m for m in self.model.modules() if isinstance(m, LayerNorm)])
         else:
             quantize_linears(self.model)
         self.dtype_name = dtype
