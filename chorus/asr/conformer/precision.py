@@ -8,7 +8,7 @@
   rounded to bf16.  Both keep the checkpoint's exact weights (`cast_to_bf16`): until 2026-12-03 they were
   cast to bf16 and back, and the first convolution's rounded weights put the trained model's encoder output
   1.80 % (RMS) from fp32's instead of 1.06 %.  Keeping the residual stream and every layer norm in fp32 as
-  well (autocast's mix) took that to 0.87 % but cost 5-15 % of a 16-64 stream step (mixed-dtype adds and
+  well (autocast's mix) took that to 0.87 % but cost 4-17 % of a 16-64 stream step (mixed-dtype adds and
   casts) and moved no WER beyond a word either way, so it is not done.  The decoders (RNNT predictor LSTM,
   joint, CTC head) stay fp32: with their products in bf16 too (gates, state and logits fp32) the beam + LM
   WER moved +0.4 instead of +0.2 and greedy RNNT +1.0 instead of +0.8 on the digits (measured before the fix
