@@ -162,3 +162,18 @@ def test_bf16_keeps_the_exact_weights_of_what_computes_in_fp32():
             assert t.dtype == torch.float32 and torch.equal(t, want[key]), (name, key)
     assert model.encoder.layers[0].norm_conv.weight.dtype == torch.bfloat16   # the rest is bf16
     assert model.encoder.layers[0].feed_forward1.linear1.weight.dtype == torch.bfloat16
+    # The RNNT products a label step repeats are bf16; the logits, the CTC head and the state stay fp32.
+    assert model.decoder.prediction["dec_rnn"].lstm.weight_hh_l0.dtype == torch.bfloat16
+    assert model.joint.pred.weight.dtype == model.joint.enc.weight.dtype == torch.bfloat16
+    assert model.joint.joint_net[-1].weight.dtype == torch.float32
+    assert next(model.ctc_decoder.parameters()).dtype == torch.float32
+    labels = torch.tensor([0, model.decoder.blank])
+    with torch.no_grad():
+        out, (h, c) = model.decoder.step(labels, model.decoder.initial_state(2))
+        out, (h, c) = model.decoder.step(labels, (h, c))   # a second step reads the state through W_hh
+        want, state = fp32.decoder.step(labels, fp32.decoder.initial_state(2))
+        want, _ = fp32.decoder.step(labels, state)
+        logits = model.joint(model.joint.project_encoder(torch.randn(2, model.encoder.output_dim)),
+                             model.joint.project_prediction(out))
+    assert out.dtype == h.dtype == c.dtype == logits.dtype == torch.float32
+    assert 0 < (out - want).abs().max() < 0.05 * want.abs().max()   # computed in bf16, close to fp32

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packed_linear import linear, packed_linear
+from ..packed_linear import packed_linear
 
 
 class CTCHead(nn.Module):
@@ -23,6 +23,17 @@ class CTCHead(nn.Module):
         """encoded [B, T, d] -> logits [B, T, vocab + 1] (the 1x1 convolution as a matrix product)."""
         conv = self.decoder_layers[0]
         return packed_linear(conv, encoded, conv.weight.squeeze(-1), conv.bias, key=conv.weight)
+
+
+def product(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """F.linear(x, weight, bias) through `packed_linear`, in the weight's dtype and back to x's.  With `--dtype
+    bf16` the LSTM's and the joint's two projections have bf16 weights (8 of the ~11 MB a label step reads at
+    the real size), while the LSTM state, the gates' sums and the joint's output layer (the logits) stay fp32
+    (precision.py)."""
+    if x.dtype == weight.dtype:
+        return packed_linear(owner, x, weight, bias)
+    return packed_linear(owner, x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
 class RNNTPredictor(nn.Module):
@@ -60,10 +71,10 @@ class RNNTPredictor(nn.Module):
             if training:
                 gates = torch.addmm(torch.addmm(b_ih, x, w_ih.t()) + b_hh, h[k], w_hh.t())
             elif k == 0:  # the input half is a row of a table (one per label), so only W_hh is read per label
-                gates = packed_linear(self, h[0], w_hh).add_(
+                gates = product(self, h[0], w_hh).add_(
                     self._input_gates(w_ih, b_ih, b_hh).index_select(0, labels.clamp(max=self.blank)))
             else:  # one product over [x, h] with both weights side by side (packed once: decoding runs this per label)
-                gates = packed_linear(self, torch.cat([x, h[k]], dim=1), *self._fused_gates(k, w_ih, w_hh, b_ih, b_hh))
+                gates = product(self, torch.cat([x, h[k]], dim=1), *self._fused_gates(k, w_ih, w_hh, b_ih, b_hh))
             i, f, g, o = gates.chunk(4, dim=1)
             c_k = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(g)
             x = torch.sigmoid(o) * torch.tanh(c_k)
@@ -76,9 +87,9 @@ class RNNTPredictor(nn.Module):
         Layer 0's input is one of vocab + 1 embeddings, so a label step gathers its row instead of reading W_ih
         (half of the predictor's weights) again; the blank's row is the biases alone, as NeMo feeds the blank
         as a zero vector."""
-        def build():
-            bias = (b_ih + b_hh).detach()
-            table = torch.addmm(bias, emb.detach(), w_ih.detach().t())
+        def build():  # fp32 whatever the weights' dtype: it is read a row at a time
+            bias = (b_ih.float() + b_hh.float()).detach()
+            table = torch.addmm(bias, emb.detach().float(), w_ih.detach().float().t())
             table[self.blank] = bias
             return table
 
@@ -140,10 +151,10 @@ class RNNTJoint(nn.Module):
         self.joint_net = nn.Sequential(*layers)
 
     def project_encoder(self, encoded: torch.Tensor) -> torch.Tensor:
-        return linear(self.enc, encoded)
+        return product(self.enc, encoded, self.enc.weight, self.enc.bias)
 
     def project_prediction(self, pred_out: torch.Tensor) -> torch.Tensor:
-        return linear(self.pred, pred_out)
+        return product(self.pred, pred_out, self.pred.weight, self.pred.bias)
 
     def forward(self, enc_proj: torch.Tensor, pred_proj: torch.Tensor) -> torch.Tensor:
         """Projected encoder [..., H] + projected predictor [..., H] -> logits [..., vocab + 1]."""
@@ -151,4 +162,4 @@ class RNNTJoint(nn.Module):
         x = enc_proj + pred_proj
         for layer in hidden:
             x = layer(x)
-        return linear(out, x)
+        return product(out, x, out.weight, out.bias)

@@ -9,11 +9,13 @@
   cast to bf16 and back, and the first convolution's rounded weights put the trained model's encoder output
   1.80 % (RMS) from fp32's instead of 1.06 %.  Keeping the residual stream and every layer norm in fp32 as
   well (autocast's mix) took that to 0.87 % but cost 4-17 % of a 16-64 stream step (mixed-dtype adds and
-  casts) and moved no WER beyond a word either way, so it is not done.  The decoders (RNNT predictor LSTM,
-  joint, CTC head) stay fp32: with their products in bf16 too (gates, state and logits fp32) the beam + LM
-  WER moved +0.4 instead of +0.2 and greedy RNNT +1.0 instead of +0.8 on the digits (measured before the fix
-  above), for a few percent of a 16-stream step.  So the beam search and the LM score in fp32 (a documented
-  mix).
+  casts) and moved no WER beyond a word either way, so it is not done.  The RNNT products that a label step
+  repeats (the predictor LSTM's and the joint's encoder and predictor projections, 8 of the ~11 MB of weights a
+  label step reads at the real size) run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy
+  loop x1.13 / x1.64 faster at 16 / 64 streams, and no WER worse than with them in fp32 (bench/README.md, "bf16
+  RNNT products").  The LSTM state, the gates' sums, the joint's output layer (the logits the beam search and
+  the LM score) and the CTC head stay fp32: with the output layer in bf16 too the loop gained x1.34 / x2.29 but
+  the 200 awb sentences lost 0.41 points with beam + LM against fp32 decoders (15 worse, 9 better).
 * int8: every matrix product of the encoder (subsampling output, Q/K/V, attention output, both
   feed-forwards, both pointwise convolutions) runs as int8 x int8 -> int32 with `torch._int_mm`
   (ATen's integer GEMM, oneDNN/VNNI on x86; what torchao's int8 dynamic-activation path calls):
@@ -40,6 +42,9 @@ def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
         enc = model.encoder
         cast_to_bf16(enc, [enc.pre_encode.conv[0], enc.layers[-1].norm_out]
                      + ([enc.out_proj] if enc.out_proj is not None else []))
+        if model.decoder is not None:  # the RNNT products: LSTM and joint weights (heads.product)
+            for module in (model.decoder.prediction["dec_rnn"], model.joint.enc, model.joint.pred):
+                cast_to_bf16(module)
     elif dtype == "int8":
         quantize_encoder_int8(model.encoder)
     model.dtype_name = dtype
