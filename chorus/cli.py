@@ -13,8 +13,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                    "fastconformer")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                   help="compute dtype of an ASR model: bf16 (FastConformer: encoder, state and the RNNT label-step products; Whisper: all but "
-                        "the layer norms; Paraformer: encoder, decoder and their caches) or int8 matrix products "
+                   help="compute dtype of an ASR model: bf16 (FastConformer: encoder, state and the RNNT "
+                        "label-step products; Whisper: all but the layer norms; Paraformer: encoder, decoder and "
+                        "their caches) or int8 matrix products "
                         "(weights per channel, activations per token); the TTS voices compute in fp32")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
                    help="dtype of the streaming K/V state: auto (the compute dtype) or int8 (keys per channel, "
