@@ -137,8 +137,7 @@ def test_load_model_dtype_and_refusals(tmp_path):
 
 
 def test_bf16_one_layer_model_keeps_bf16_state(mels):
-    """The compute dtype is read from the first norm of the first layer, not from the fp32 output norm of the
-    last one (with one layer they are the same layer)."""
+    """The compute dtype is read from a block's weights, not from the norms, which stay fp32."""
     model = apply_dtype(tiny_model(seed=2, n_layers=1), "bf16")
     assert model.encoder.compute_dtype == torch.bfloat16
     engine = ConformerStreamer(model, slots=1)
@@ -148,19 +147,25 @@ def test_bf16_one_layer_model_keeps_bf16_state(mels):
 
 
 def test_bf16_keeps_the_exact_weights_of_what_computes_in_fp32():
-    """The subsampling's first convolution and the last output norm compute in fp32 in the bf16 path, with the
-    checkpoint's weights as they are: cast to bf16 and back they would stay rounded (the first convolution's
-    were, until that was found: it took the trained model's encoder output from 1.06 % to 1.80 % RMS off fp32)."""
+    """The subsampling's first convolution and the layers' norms (which read the fp32 residual stream) compute
+    in fp32 in the bf16 path, with the checkpoint's weights as they are: cast to bf16 and back they would stay
+    rounded (the first convolution's were, until that was found: it took the trained model's encoder output
+    from 1.06 % to 1.80 % RMS off fp32)."""
     fp32 = tiny_model(seed=4)
     with torch.no_grad():
-        for norm in (fp32.encoder.layers[-1].norm_out, fp32.encoder.layers[0].norm_conv):
+        for norm in (fp32.encoder.layers[-1].norm_out, fp32.encoder.layers[0].norm_conv,
+                     fp32.encoder.layers[0].conv.batch_norm):
             norm.weight.normal_()   # not 1.0, which bf16 holds exactly
     model = apply_dtype(copy.deepcopy(fp32), "bf16")
-    for name in ("pre_encode.conv.0", f"layers.{len(model.encoder.layers) - 1}.norm_out"):
+    exact = ["pre_encode.conv.0"] + [f"layers.{i}.{norm}" for i in range(len(model.encoder.layers))
+                                     for norm in ("norm_feed_forward1", "norm_self_att", "norm_conv",
+                                                  "norm_feed_forward2", "norm_out")]
+    for name in exact:
         want = fp32.encoder.get_submodule(name).state_dict()
         for key, t in model.encoder.get_submodule(name).state_dict().items():
             assert t.dtype == torch.float32 and torch.equal(t, want[key]), (name, key)
-    assert model.encoder.layers[0].norm_conv.weight.dtype == torch.bfloat16   # the rest is bf16
+    assert all(layer.fp32_residual for layer in model.encoder.layers)
+    assert model.encoder.layers[0].conv.batch_norm.weight.dtype == torch.bfloat16   # the blocks are bf16
     assert model.encoder.layers[0].feed_forward1.linear1.weight.dtype == torch.bfloat16
     # The RNNT products a label step repeats are bf16; the logits, the CTC head and the state stay fp32.
     assert model.decoder.prediction["dec_rnn"].lstm.weight_hh_l0.dtype == torch.bfloat16

@@ -167,3 +167,23 @@ def test_bf16_products_of_one_stream_take_it_and_silu_stays_right():
         assert (pl.linear_silu(lin, big).float()
                 - F.silu(F.linear(big.float(), lin.weight.float(), lin.bias.float()))).abs().max() < 0.05
         assert "onednn" in {kind for _, kind in lin.__dict__["_packed_weights"].entries}
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels", [256, 48])   # 48: fewer than 8 blocks of 16 channels
+def test_first_convolution_kernel_equals_torch(channels):
+    """The bf16 path's first subsampling convolution (product, bias, ReLU, cast in one pass) against torch's
+    convolution: within one bf16 rounding, and a stream's output independent of the batch."""
+    from chorus.asr.conformer.model import CausalConv2D, _first_conv_relu
+    torch.manual_seed(channels)
+    conv = CausalConv2D(1, channels, 3, 2).eval()
+    x = torch.randn(5, 1, 33, 80).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rows_kernel.conv_taps_relu_kernel() is not None
+        got = _first_conv_relu(x, conv, torch.bfloat16)
+        want = torch.relu(F.conv2d(x, conv.weight, conv.bias, stride=2, padding=2))[:, :, :got.shape[2], :got.shape[3]]
+        alone = _first_conv_relu(x[3:4].contiguous(memory_format=torch.channels_last), conv, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-6)
+    assert (got == 0).sum() > 0.3 * got.numel()   # the ReLU ran
+    assert torch.equal(alone[0], got[3])

@@ -162,3 +162,101 @@ BF16_TARGET int bf16_rows_linear(int M, int N, int K, const uint16_t* x, const u
   WALK_TILES(uint16_t, BF_TWO, BF_ONE)
   return 0;
 }
+
+/* ---- residual add + layer norm, for the bf16 compute path ------------------------------------------------
+ * For each of M rows of D (D a multiple of 16): r = res_in + alpha y (y bf16; no add when y is NULL), stored
+ * to res_out (fp32; may be res_in; not stored when NULL; D <= 8192), then LayerNorm(r) = (r - mean) / sqrt(var + eps)
+ * gamma + beta (fp32 gamma, beta) written to out, as bf16 (out_bf16) or fp32.  The residual stream stays fp32
+ * between a layer's blocks while their products run in bf16; in torch that mix costs a pass per cast and per
+ * mixed-dtype add, here it is one pass over the row.  Each row's sums go in a fixed order: a row's result
+ * never depends on the other rows (batched equals alone, bit for bit). */
+/* Four independent sums, so the adds do not wait on each other; a fixed order all the same. */
+#define SUM_BY_FOUR(EXPR)                                                          \
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;         \
+  int j = 0;                                                                       \
+  for (; j + 64 <= D; j += 64) {                                                   \
+    acc0 = _mm512_add_ps(acc0, EXPR(j));                                           \
+    acc1 = _mm512_add_ps(acc1, EXPR(j + 16));                                      \
+    acc2 = _mm512_add_ps(acc2, EXPR(j + 32));                                      \
+    acc3 = _mm512_add_ps(acc3, EXPR(j + 48));                                      \
+  }                                                                                \
+  for (; j < D; j += 16) acc0 = _mm512_add_ps(acc0, EXPR(j));                      \
+  const float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+
+BF16_TARGET int bf16_add_layer_norm(int M, int D, const float* res_in, const uint16_t* y, float alpha,
+                                    float* res_out, const float* gamma, const float* beta, float eps,
+                                    void* out, int out_bf16) {
+  if (M < 1 || D < 16 || (D & 15) || D > 8192) return -1;
+  float row[8192] __attribute__((aligned(64)));
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int m = 0; m < M; m++) {
+    const float* r = res_in + (size_t)m * D;
+    const uint16_t* ym = y ? y + (size_t)m * D : NULL;
+    float* keep = res_out ? res_out + (size_t)m * D : row;
+    for (int j = 0; j < D; j += 16) {
+      __m512 v = _mm512_loadu_ps(r + j);
+      if (ym) {
+        const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(ym + j))), 16);
+        v = _mm512_fmadd_ps(a, _mm512_castsi512_ps(bits), v);
+      }
+      _mm512_storeu_ps(keep + j, v);
+    }
+#define VALUE(j) _mm512_loadu_ps(keep + (j))
+    SUM_BY_FOUR(VALUE)
+    const float mean_f = total / (float)D;
+    const __m512 mean = _mm512_set1_ps(mean_f);
+#define SQUARE(j) _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean), _mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean))
+    {
+      SUM_BY_FOUR(SQUARE)
+      const __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(total / (float)D + eps))));
+      for (int j = 0; j < D; j += 16) {
+        const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + j), mean), rstd);
+        const __m512 o = _mm512_fmadd_ps(c, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j));
+        if (out_bf16)
+          _mm256_storeu_si256((__m256i*)((uint16_t*)out + (size_t)m * D + j), (__m256i)_mm512_cvtneps_pbh(o));
+        else
+          _mm512_storeu_ps((float*)out + (size_t)m * D + j, o);
+      }
+    }
+#undef VALUE
+#undef SQUARE
+  }
+  return 0;
+}
+
+/* ---- the subsampling's first convolution, for the bf16 compute path ---------------------------------------
+ * out[r] = bf16(relu(b + sum_k p[r][k] w[k])) for R rows of K taps (the 3x3 windows of the log-mel) and N
+ * output channels (N a multiple of 16): the convolution's product, bias, ReLU and cast in one pass
+ * per row, in registers.  Its output is the largest tensor of a step; through torch it was written four times
+ * (the bias broadcast into it, the product, the ReLU, the cast).  A row's sums go in k order: batched equals
+ * alone, bit for bit. */
+BF16_TARGET static inline __attribute__((always_inline)) void conv_taps_block(
+    const int nb, int K, int N, const float* pr, const float* w, const float* b, uint16_t* o) {
+  __m512 s[8];
+  for (int i = 0; i < nb; i++) s[i] = b ? _mm512_loadu_ps(b + i * 16) : _mm512_setzero_ps();
+  for (int k = 0; k < K; k++) {
+    const __m512 x = _mm512_set1_ps(pr[k]);
+    for (int i = 0; i < nb; i++) s[i] = _mm512_fmadd_ps(x, _mm512_loadu_ps(w + (size_t)k * N + i * 16), s[i]);
+  }
+  for (int i = 0; i < nb; i++)
+    _mm256_storeu_si256((__m256i*)(o + i * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_max_ps(s[i], _mm512_setzero_ps())));
+}
+
+BF16_TARGET int bf16_conv_taps_relu(int R, int K, int N, const float* p, const float* w, const float* b,
+                                    uint16_t* out) {
+  if (R < 1 || K < 1 || N < 16 || (N & 15)) return -1;
+  const int blocks = N / 16;
+  for (int r = 0; r < R; r++) {
+    const float* pr = p + (size_t)r * K;
+    for (int c = 0; c < blocks; c += 8) {  /* 8 blocks of 16 channels: 8 registers of sums */
+      const float* bc = b ? b + c * 16 : NULL;
+      uint16_t* o = out + (size_t)r * N + c * 16;
+      switch (blocks - c < 8 ? blocks - c : 8) {
+#define CASE(n) case n: conv_taps_block(n, K, N, pr, w + c * 16, bc, o); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+      }
+    }
+  }
+  return 0;
+}

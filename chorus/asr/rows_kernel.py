@@ -12,6 +12,10 @@ The C source is compiled once per machine with the system's C compiler (`$CC`, e
 with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when the build fails, or with
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
+
+The same library holds two per-row kernels of the FastConformer's bf16 path, on where the bf16 kernel is: the
+residual add + layer norm (`add_layer_norm_kernel`, used by residual_norm.py) and the subsampling's first
+convolution with its bias, ReLU and cast (`conv_taps_relu_kernel`).
 """
 from __future__ import annotations
 
@@ -93,6 +97,13 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
+    fn = lib.bf16_add_layer_norm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.bf16_conv_taps_relu
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4
     return lib
 
 
@@ -107,6 +118,8 @@ def _decide() -> None:
     _state[torch.float32] = lib.fp32_rows_linear if lib else None
     bf16 = lib is not None and _cpu_has_avx512_bf16()
     _state[torch.bfloat16] = lib.bf16_rows_linear if bf16 else None
+    _state["add_layer_norm"] = lib.bf16_add_layer_norm if bf16 else None
+    _state["conv_taps_relu"] = lib.bf16_conv_taps_relu if bf16 else None
     _state["bf16_reason"] = reason or (None if bf16 else "the CPU has no AVX512-BF16")
     _state["decided"] = True
 
@@ -120,6 +133,16 @@ def kernel(dtype: torch.dtype = torch.float32):
             if "decided" not in _state:
                 _decide()
     return _state.get(dtype)
+
+
+def add_layer_norm_kernel():
+    """The compiled residual add + layer norm of the bf16 path (`residual_norm.py`), or None, as `kernel`."""
+    return _state.get("add_layer_norm") if kernel(torch.bfloat16) is not None else None
+
+
+def conv_taps_relu_kernel():
+    """The compiled first convolution + bias + ReLU -> bf16 of the bf16 path (conformer/model.py), or None."""
+    return _state.get("conv_taps_relu") if kernel(torch.bfloat16) is not None else None
 
 
 def status() -> str:

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import rows_kernel
 from ..depthwise import depthwise_channels_last
 from ..packed_linear import linear, linear_silu, packed_linear
+from ..residual_norm import add_norm
 
 MASK_VALUE = 10000.0  # NeMo's INF_VAL: masked scores are set to -10000, not -inf
 
@@ -264,6 +266,17 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
     output.  A block holds whole streams, so a stream's result does not depend on its batch."""
     patches = _patches(x, conv)
     b, t, f = patches.shape[:3]
+    fused = rows_kernel.conv_taps_relu_kernel() if out_dtype == torch.bfloat16 and x.is_cpu else None
+    if fused is not None and x.dtype == conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0 \
+            and not torch.is_grad_enabled():
+        # chorus' kernel: product, bias, ReLU and cast of each output row in registers (rows_kernel.c)
+        taps = patches.reshape(b * t * f, -1)
+        w = conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous()
+        out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype)
+        if fused(taps.shape[0], taps.shape[1], conv.out_channels, taps.data_ptr(), w.data_ptr(),
+                 None if conv.bias is None else conv.bias.detach().contiguous().data_ptr(), out.data_ptr()):
+            raise ValueError("conv_taps_relu kernel rejected its arguments")
+        return out.permute(0, 3, 1, 2)
     w = conv.weight.view(conv.out_channels, -1).t()
     out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype, device=x.device)
     step = max(1, _FIRST_CONV_BLOCK_ROWS // (t * f))
@@ -449,13 +462,13 @@ class AttentionMask:
     query-key pair's relative position in the positional scores; None for keys in time order."""
 
     bias: torch.Tensor
-    rows_hidden: torch.Tensor
+    rows_hidden: torch.Tensor | None  # None: no row to zero
     positions: torch.Tensor | None = None
 
     @classmethod
     def of(cls, hidden: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> "AttentionMask":
         bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, -MASK_VALUE)
-        return cls(bias.unsqueeze(1), hidden.all(dim=-1, keepdim=True), positions)
+        return cls(bias.unsqueeze(1), _none_if_clear(hidden.all(dim=-1, keepdim=True)), positions)
 
 
 # ------------------------------------------------------------------------------------------
@@ -493,7 +506,7 @@ class ConformerConvolution(nn.Module):
         and returns them after the k-1 cached ones; offline the history is k-1 zeros."""
         # The 1x1 convolutions are matrix products; F.linear avoids Conv1d's slow path at batch 1.
         x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)
-        x = _zero_where(x, pad_mask.unsqueeze(-1))
+        x = _zero_where(x, None if pad_mask is None else pad_mask.unsqueeze(-1))
         x = F.pad(x, (0, 0, self.cache_size, 0)) if window is None else window.update(layer, x)  # [B, k-1+T, d]
         if torch.is_grad_enabled():
             x = self.depthwise_conv(x.transpose(1, 2)).transpose(1, 2)
@@ -506,10 +519,19 @@ class ConformerConvolution(nn.Module):
         return _pointwise(self.pointwise_conv2, F.silu(x))
 
 
-def _zero_where(fresh: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """fresh.masked_fill(mask, 0); at inference in place (callers pass a tensor they just made), which saves a
-    copy per call; with autograd a new tensor, since `fresh` may be a view that a backward still needs."""
+def _zero_where(fresh: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """fresh.masked_fill(mask, 0) (fresh itself for mask None); at inference in place (callers pass a tensor
+    they just made), which saves a copy per call; with autograd a new tensor, since `fresh` may be a view that a
+    backward still needs."""
+    if mask is None:
+        return fresh
     return fresh.masked_fill(mask, 0.0) if torch.is_grad_enabled() else fresh.masked_fill_(mask, 0.0)
+
+
+def _none_if_clear(mask: torch.Tensor) -> torch.Tensor | None:
+    """None when a CPU mask marks nothing, so that a step of full chunks skips its two zero-fills per layer
+    (~2 % of a 16-stream bf16 step); on another device the mask stays (the check would wait for the device)."""
+    return None if mask.device.type == "cpu" and not bool(mask.any()) else mask
 
 
 def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
@@ -535,15 +557,33 @@ class ConformerLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.norm_out = nn.LayerNorm(d)
 
+    fp32_residual = False  # set by the bf16 path (precision.py): bf16 blocks, an fp32 residual stream and norms
+
     def forward(self, x, att_mask: AttentionMask, pos_emb, pad_mask, kv_window=None, conv_window=None, layer=0):
         """Offline without windows; streaming, the windows hold this layer's cached K/V and conv inputs."""
+        if self.fp32_residual:
+            return self._forward_fp32_residual(x, att_mask, pos_emb, pad_mask, kv_window, conv_window, layer)
         residual = x + 0.5 * self.dropout(self.feed_forward1(self.norm_feed_forward1(x)))
         x = self.norm_self_att(residual)
         residual = residual + self.dropout(self.self_attn(x, att_mask, pos_emb, kv_window, layer))
         x = self.conv(self.norm_conv(residual), pad_mask, conv_window, layer)
         residual = residual + self.dropout(x)
         residual = residual + 0.5 * self.dropout(self.feed_forward2(self.norm_feed_forward2(residual)))
-        return self.norm_out(residual.to(self.norm_out.weight.dtype))  # bf16: the encoder's last norm is fp32
+        return self.norm_out(residual.to(self.norm_out.weight.dtype))
+
+    def _forward_fp32_residual(self, x, att_mask, pos_emb, pad_mask, kv_window, conv_window, layer):
+        """`forward`'s maths with each block computing in its weights' dtype (bf16) and the residual stream,
+        the norms and the layer's output in fp32; each residual add and the norm after it are one pass
+        (`add_norm`).  Dropout is left out: the bf16 path only runs inference."""
+        block = self.feed_forward1.linear1.weight.dtype
+        x = x.float()
+        _, h = add_norm(x, None, 0.0, self.norm_feed_forward1, block)
+        residual, h = add_norm(x, self.feed_forward1(h), 0.5, self.norm_self_att, block)
+        residual, h = add_norm(residual, self.self_attn(h, att_mask, pos_emb, kv_window, layer), 1.0,
+                               self.norm_conv, block, in_place=True)
+        residual, h = add_norm(residual, self.conv(h, pad_mask, conv_window, layer), 1.0,
+                               self.norm_feed_forward2, block, in_place=True)
+        return add_norm(residual, self.feed_forward2(h), 0.5, self.norm_out, torch.float32, in_place=True)[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -594,8 +634,9 @@ class ConformerEncoder(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype activations and streaming state are kept in (bf16 when the encoder was cast)."""
-        return self.layers[0].norm_feed_forward1.weight.dtype
+        """The dtype the blocks compute and the streaming state is kept in (bf16 when the encoder was cast;
+        its norms and residual stream stay fp32 then)."""
+        return self.layers[0].conv.depthwise_conv.weight.dtype
 
     @property
     def output_dim(self) -> int:
@@ -612,8 +653,9 @@ class ConformerEncoder(nn.Module):
         valid = pos < lengths[:, None]
         att_mask = AttentionMask.of(attention_mask(pos, pos, valid, valid, context, self.cfg.att_context_style),
                                     x.dtype)
+        pad_mask = _none_if_clear(~valid)
         for layer in self.layers:
-            x = layer(x, att_mask, pos_emb, ~valid)
+            x = layer(x, att_mask, pos_emb, pad_mask)
         if self.out_proj is not None:
             x = linear(self.out_proj, x)
         return x.float(), lengths
@@ -644,8 +686,9 @@ class ConformerEncoder(nn.Module):
             positions = in_time_order[:, key_index.clamp(max=width - 1)].transpose(0, 1).unsqueeze(1)
         att_mask = AttentionMask.of(attention_mask(q_pos, k_pos, q_valid, k_valid, context,
                                                    self.cfg.att_context_style), x.dtype, positions)
+        pad_mask = _none_if_clear(~q_valid)
         for i, layer in enumerate(self.layers):
-            x = layer(x, att_mask, pos_emb, ~q_valid, kv_window, conv_window, i)
+            x = layer(x, att_mask, pos_emb, pad_mask, kv_window, conv_window, i)
         if self.out_proj is not None:
             x = linear(self.out_proj, x)
         return x.float()

@@ -1,15 +1,16 @@
 """Compute dtypes of a FastConformer (`--dtype`): fp32 (NeMo's), bf16, int8.
 
 * fp32: the checkpoint as it is.
-* bf16: the encoder's layers and its streaming state (the K/V and conv rings) in bfloat16.  The
-  subsampling's first convolution stays fp32 (its input is the log-mel, which bf16 would round to 3
-  significant digits) and hands bf16 on.  The last layer's output norm (and the output projection, where
-  there is one) computes in fp32 from the bf16 residual, so the encoder output the decoders read is not
-  rounded to bf16.  Both keep the checkpoint's exact weights (`cast_to_bf16`): until 2026-12-03 they were
-  cast to bf16 and back, and the first convolution's rounded weights put the trained model's encoder output
-  1.80 % (RMS) from fp32's instead of 1.06 %.  Keeping the residual stream and every layer norm in fp32 as
-  well (autocast's mix) took that to 0.87 % but cost 4-17 % of a 16-64 stream step (mixed-dtype adds and
-  casts) and moved no WER beyond a word either way, so it is not done.  The RNNT products that a label step
+* bf16: the encoder's blocks (feed-forwards, attention, convolution module) and its streaming state (the K/V and
+  conv rings) in bfloat16.  The residual stream between the blocks and the five layer norms that read it stay
+  fp32, with the checkpoint's exact weights (`cast_to_bf16`); each residual add and the norm after it are one
+  pass of chorus' kernel (`residual_norm.add_norm`), so this mix runs faster than the all-bf16 layer did
+  (bench/README.md, "fp32 residual"), where in torch its mixed-dtype adds and casts had cost 4-17 % of a step.  The subsampling's first convolution stays fp32
+  (its input is the log-mel, which bf16 would round to 3 significant digits) and hands bf16 on, through
+  chorus' kernel for its product, bias, ReLU and cast.  The layers' output (and the output projection, where
+  there is one) is fp32, so the encoder output the decoders read is not rounded to bf16.  The trained model's
+  encoder output is 0.84 % (RMS) from fp32's; 1.06 % with the residual and norms in bf16, and 1.80 % when the
+  first convolution's weights were cast to bf16 and back (until 2026-12-03).  The RNNT products that a label step
   repeats (the predictor LSTM's and the joint's encoder and predictor projections, 8 of the ~11 MB of weights a
   label step reads at the real size) run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy
   loop x1.13 / x1.64 faster at 16 / 64 streams, and no WER worse than with them in fp32 (bench/README.md, "bf16
@@ -34,14 +35,19 @@ from ..int8_linear import Int8Linear
 from .asr_model import FastConformerModel
 
 
+_RESIDUAL_NORMS = ("norm_feed_forward1", "norm_self_att", "norm_conv", "norm_feed_forward2", "norm_out")
+
+
 def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
     """Put `model` (in place) into the compute dtype named `dtype`; returns it."""
     if not needs_switch(getattr(model, "dtype_name", "fp32"), dtype, "fastconformer"):
         return model
     if dtype == "bf16":
         enc = model.encoder
-        cast_to_bf16(enc, [enc.pre_encode.conv[0], enc.layers[-1].norm_out]
-                     + ([enc.out_proj] if enc.out_proj is not None else []))
+        norms = [getattr(layer, name) for layer in enc.layers for name in _RESIDUAL_NORMS]
+        cast_to_bf16(enc, [enc.pre_encode.conv[0], *norms] + ([enc.out_proj] if enc.out_proj is not None else []))
+        for layer in enc.layers:
+            layer.fp32_residual = True
         if model.decoder is not None:  # the RNNT products: LSTM and joint weights (heads.product)
             for module in (model.decoder.prediction["dec_rnn"], model.joint.enc, model.joint.pred):
                 cast_to_bf16(module)
