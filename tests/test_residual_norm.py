@@ -16,8 +16,9 @@ from chorus.asr.residual_norm import add_norm
 needs_kernel = pytest.mark.skipif(
     not (shutil.which(os.environ.get("CC", "cc")) is not None
          and torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
-         and rows_kernel._cpu_has_avx512_bf16()),
-    reason="no C compiler, or no AVX512-BF16 on this CPU: add_norm takes torch's ops")
+         and rows_kernel._cpu_has_avx512_bf16()
+         and os.environ.get("CHORUS_ROWS_KERNEL", "1").lower() not in ("0", "off", "false", "no")),
+    reason="no C compiler, no AVX512-BF16 on this CPU, or CHORUS_ROWS_KERNEL=0: add_norm takes torch's ops")
 
 
 def make_norm(width: int, seed: int) -> nn.LayerNorm:

@@ -187,3 +187,26 @@ def test_first_convolution_kernel_equals_torch(channels):
     assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-6)
     assert (got == 0).sum() > 0.3 * got.numel()   # the ReLU ran
     assert torch.equal(alone[0], got[3])
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels,bias", [(512, True), (48, False)])
+def test_depthwise_norm_swish_kernel_equals_torch(channels, bias):
+    """The bf16 path's depthwise convolution + layer norm + Swish in one pass against torch's ops in fp32: the
+    same as their result rounded to bf16 but for the last bit of a few, and a stream independent of the batch."""
+    from chorus.asr.depthwise import depthwise_channels_last, depthwise_norm_silu
+    torch.manual_seed(channels)
+    conv = nn.Conv1d(channels, channels, 9, groups=channels, bias=bias)
+    norm = nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        window = (torch.randn(6, 15, channels) * 3).bfloat16()
+        got = depthwise_norm_silu(conv, norm, window)
+        want = F.silu(norm(depthwise_channels_last(conv, window, out_dtype=torch.float32)))
+        alone = depthwise_norm_silu(conv, norm, window[4:5].clone())
+    assert got.dtype == torch.bfloat16 and got.shape == (6, 7, channels)
+    assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-3)
+    assert (got == want.bfloat16()).float().mean() > 0.99
+    assert torch.equal(alone[0], got[4])
+    assert depthwise_norm_silu(conv, norm, window.float()) is None   # fp32 windows take torch's ops

@@ -260,3 +260,70 @@ BF16_TARGET int bf16_conv_taps_relu(int R, int K, int N, const float* p, const f
   }
   return 0;
 }
+
+/* ---- the FastConformer convolution module's depthwise convolution + layer norm + Swish, bf16 path --------
+ * window bf16 [B][K-1+T][C] (each stream's cached K-1 frames, then its T new ones), w fp32 [K][C], b fp32 [C]
+ * or NULL, gamma/beta fp32 [C]; out bf16 [B][T][C] = bf16(silu(LayerNorm(b + sum_j w[j] window[t+j]))).  The
+ * convolution sums in fp32 from the bias in tap order, the norm and Swish run on the fp32 sums, and the one
+ * rounding is the last; through torch the window was cast, then 9 multiply-add passes, a cast, the norm and the
+ * Swish each went over [B, T, C].  Rows are independent: batched equals alone, bit for bit. */
+BF16_TARGET static inline __m512 exp512(__m512 x) {
+  /* e^x = 2^n e^r, r = x - n ln2 in [-ln2/2, ln2/2]; degree-7 Taylor polynomial (relative error < 2e-7, far
+   * below the bf16 rounding that follows); inputs clamped where e^x is 0 or inf in fp32. */
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);       /* ln2, high part */
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);        /* ln2, low part */
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+BF16_TARGET int bf16_depthwise_norm_silu(int B, int T, int K, int C, const uint16_t* window, const float* w,
+                                         const float* b, const float* gamma, const float* beta, float eps,
+                                         uint16_t* out) {
+  if (B < 1 || T < 1 || K < 1 || C < 16 || (C & 15) || C > 8192) return -1;
+  float row[8192] __attribute__((aligned(64)));
+  const int frames = K - 1 + T;
+  for (int s = 0; s < B; s++) {
+    for (int t = 0; t < T; t++) {
+      const uint16_t* x = window + ((size_t)s * frames + t) * C;
+      for (int c = 0; c < C; c += 16) {
+        __m512 acc = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
+        for (int j = 0; j < K; j++) {
+          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + (size_t)j * C + c))), 16));
+          acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + (size_t)j * C + c), acc);
+        }
+        _mm512_storeu_ps(row + c, acc);
+      }
+      float* keep = row;
+      const int D = C;
+#define VALUE(j) _mm512_loadu_ps(keep + (j))
+      SUM_BY_FOUR(VALUE)
+      const __m512 mean = _mm512_set1_ps(total / (float)D);
+#define SQUARE(j) _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean), _mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean))
+      {
+        SUM_BY_FOUR(SQUARE)
+        const __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(total / (float)D + eps))));
+        uint16_t* o = out + ((size_t)s * T + t) * C;
+        for (int c = 0; c < C; c += 16) {
+          const __m512 z = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + c), mean), rstd),
+                                           _mm512_loadu_ps(gamma + c), _mm512_loadu_ps(beta + c));
+          const __m512 swish = _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+          _mm256_storeu_si256((__m256i*)(o + c), (__m256i)_mm512_cvtneps_pbh(swish));
+        }
+      }
+#undef VALUE
+#undef SQUARE
+    }
+  }
+  return 0;
+}

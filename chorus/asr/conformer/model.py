@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rows_kernel
-from ..depthwise import depthwise_channels_last
+from ..depthwise import depthwise_channels_last, depthwise_norm_silu
 from ..packed_linear import linear, linear_silu, packed_linear
 from ..residual_norm import add_norm
 
@@ -508,15 +508,19 @@ class ConformerConvolution(nn.Module):
         x = F.glu(_pointwise(self.pointwise_conv1, x), dim=-1)
         x = _zero_where(x, None if pad_mask is None else pad_mask.unsqueeze(-1))
         x = F.pad(x, (0, 0, self.cache_size, 0)) if window is None else window.update(layer, x)  # [B, k-1+T, d]
+        dtype = x.dtype  # the blocks' (bf16 keeps the depthwise convolution and its norm fp32, precision.py)
         if torch.is_grad_enabled():
             x = self.depthwise_conv(x.transpose(1, 2)).transpose(1, 2)
         else:
-            x = depthwise_channels_last(self.depthwise_conv, x)
+            fused = depthwise_norm_silu(self.depthwise_conv, self.batch_norm, x)  # bf16: one kernel pass
+            if fused is not None:
+                return _pointwise(self.pointwise_conv2, fused)
+            x = depthwise_channels_last(self.depthwise_conv, x, out_dtype=self.batch_norm.weight.dtype)
         if isinstance(self.batch_norm, nn.LayerNorm):
             x = self.batch_norm(x)
         else:
             x = self.batch_norm(x.transpose(1, 2)).transpose(1, 2)
-        return _pointwise(self.pointwise_conv2, F.silu(x))
+        return _pointwise(self.pointwise_conv2, F.silu(x).to(dtype))
 
 
 def _zero_where(fresh: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -636,7 +640,7 @@ class ConformerEncoder(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype the blocks compute and the streaming state is kept in (bf16 when the encoder was cast;
         its norms and residual stream stay fp32 then)."""
-        return self.layers[0].conv.depthwise_conv.weight.dtype
+        return self.layers[0].self_attn.linear_pos.weight.dtype
 
     @property
     def output_dim(self) -> int:

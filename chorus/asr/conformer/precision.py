@@ -7,7 +7,9 @@
   pass of chorus' kernel (`residual_norm.add_norm`), so this mix runs faster than the all-bf16 layer did
   (bench/README.md, "fp32 residual"), where in torch its mixed-dtype adds and casts had cost 4-17 % of a step.  The subsampling's first convolution stays fp32
   (its input is the log-mel, which bf16 would round to 3 significant digits) and hands bf16 on, through
-  chorus' kernel for its product, bias, ReLU and cast.  The layers' output (and the output projection, where
+  chorus' kernel for its product, bias, ReLU and cast.  The convolution module's depthwise convolution and its
+  norm keep fp32 weights too, and run with the Swish after them as one kernel pass over the bf16 window
+  (`depthwise.depthwise_norm_silu`), rounding once at the end.  The layers' output (and the output projection, where
   there is one) is fp32, so the encoder output the decoders read is not rounded to bf16.  The trained model's
   encoder output is 0.84 % (RMS) from fp32's; 1.06 % with the residual and norms in bf16, and 1.80 % when the
   first convolution's weights were cast to bf16 and back (until 2026-12-03).  The RNNT products that a label step
@@ -44,8 +46,9 @@ def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
         return model
     if dtype == "bf16":
         enc = model.encoder
-        norms = [getattr(layer, name) for layer in enc.layers for name in _RESIDUAL_NORMS]
-        cast_to_bf16(enc, [enc.pre_encode.conv[0], *norms] + ([enc.out_proj] if enc.out_proj is not None else []))
+        fp32_parts = [getattr(layer, name) for layer in enc.layers for name in _RESIDUAL_NORMS]
+        fp32_parts += [m for layer in enc.layers for m in (layer.conv.depthwise_conv, layer.conv.batch_norm)]
+        cast_to_bf16(enc, [enc.pre_encode.conv[0], *fp32_parts] + ([enc.out_proj] if enc.out_proj is not None else []))
         for layer in enc.layers:
             layer.fp32_residual = True
         if model.decoder is not None:  # the RNNT products: LSTM and joint weights (heads.product)
