@@ -327,3 +327,40 @@ BF16_TARGET int bf16_depthwise_norm_silu(int B, int T, int K, int C, const uint1
   }
   return 0;
 }
+
+/* ---- the attention's positional bias over a ring of keys, bf16 path -----------------------------------------
+ * out[b][h][t][s] = bf16(mask[b][t][s] + scale * scores[h][b*T + t][pos[b][t][s]]): each query-key pair's
+ * relative-position score picked out of the scores against every relative position (keys lie in ring order, so
+ * each stream has its own picks), scaled and added to the additive mask, as torch's gather and add with alpha
+ * compute it (in fp32, one rounding), in one pass instead of three.  pos must lie in [0, P).  Rows are
+ * independent. */
+BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint16_t* scores, const int32_t* pos,
+                                   const uint16_t* mask, float scale, uint16_t* out) {
+  if (B < 1 || H < 1 || T < 1 || S < 1 || P < 1) return -1;
+  const __m512 sc = _mm512_set1_ps(scale);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), two = _mm512_set1_epi32(2), aligned = _mm512_set1_epi32(~3);
+  /* bf16 picks as aligned 32-bit words from a 4-byte aligned base, the wanted half shifted down: an aligned
+   * word never crosses a page, so the one at the scores' end is safe to read even where it holds 2 bytes past it */
+  const char* base = (const char*)((uintptr_t)scores & ~(uintptr_t)3);
+  if ((const char*)(scores + (size_t)H * B * T * P) - base > 0x7FFFFFFF) return -1;
+  for (int b = 0; b < B; b++)
+    for (int h = 0; h < H; h++)
+      for (int t = 0; t < T; t++) {
+        const int row = (int)((const char*)(scores + ((size_t)h * B * T + (size_t)b * T + t) * P) - base);
+        const int32_t* p = pos + ((size_t)b * T + t) * S;
+        const uint16_t* m = mask + ((size_t)b * T + t) * S;
+        uint16_t* o = out + (((size_t)b * H + h) * T + t) * S;
+        const __m512i row_v = _mm512_set1_epi32(row);
+        for (int s = 0; s < S; s += 16) {
+          const __mmask16 k = tail_mask(S - s);
+          const __m512i byte = _mm512_add_epi32(row_v, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, p + s), two));
+          const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
+                                                          _mm512_and_si512(byte, aligned), base, 1);
+          const __m512i half = _mm512_and_si512(_mm512_srlv_epi32(raw, _mm512_slli_epi32(_mm512_and_si512(byte, two), 3)), low16);
+          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
+          const __m512 mk = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, m + s)), 16));
+          _mm256_mask_storeu_epi16(o + s, k, (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(v, sc, mk)));
+        }
+      }
+  return 0;
+}

@@ -15,8 +15,9 @@ CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are o
 
 The same library holds two per-row kernels of the FastConformer's bf16 path, on where the bf16 kernel is: the
 residual add + layer norm (`add_layer_norm_kernel`, used by residual_norm.py), the subsampling's first
-convolution with its bias, ReLU and cast (`conv_taps_relu_kernel`), and the convolution module's depthwise
-convolution with its layer norm and Swish (`depthwise_norm_silu_kernel`, used by depthwise.py).
+convolution with its bias, ReLU and cast (`conv_taps_relu_kernel`), the convolution module's depthwise
+convolution with its layer norm and Swish (`depthwise_norm_silu_kernel`, used by depthwise.py), and the
+attention's positional bias over a ring of keys (`position_bias_kernel`).
 """
 from __future__ import annotations
 
@@ -105,6 +106,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.bf16_conv_taps_relu
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4
+    fn = lib.bf16_position_bias
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p]
     fn = lib.bf16_depthwise_norm_silu
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
@@ -125,6 +129,7 @@ def _decide() -> None:
     _state["add_layer_norm"] = lib.bf16_add_layer_norm if bf16 else None
     _state["conv_taps_relu"] = lib.bf16_conv_taps_relu if bf16 else None
     _state["depthwise_norm_silu"] = lib.bf16_depthwise_norm_silu if bf16 else None
+    _state["position_bias"] = lib.bf16_position_bias if bf16 else None
     _state["bf16_reason"] = reason or (None if bf16 else "the CPU has no AVX512-BF16")
     _state["decided"] = True
 
@@ -148,6 +153,11 @@ def add_layer_norm_kernel():
 def conv_taps_relu_kernel():
     """The compiled first convolution + bias + ReLU -> bf16 of the bf16 path (conformer/model.py), or None."""
     return _state.get("conv_taps_relu") if kernel(torch.bfloat16) is not None else None
+
+
+def position_bias_kernel():
+    """The compiled positional bias of attention over a ring of keys, bf16 path (conformer/model.py), or None."""
+    return _state.get("position_bias") if kernel(torch.bfloat16) is not None else None
 
 
 def depthwise_norm_silu_kernel():

@@ -428,11 +428,13 @@ class RelPositionMultiHeadAttention(nn.Module):
         v = v.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         scores = self.position_scores(q + self.pos_bias_v, pos_emb)
-        if mask.positions is None:  # keys in time order
-            matrix_bd = self.rel_shift(scores)[..., :s]
-        else:  # keys in the order of a ring (streaming): each key's relative position picked out
-            matrix_bd = scores.gather(-1, mask.positions.expand(b, self.h, t, s))
-        bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
+        bias = _ring_position_bias(scores, mask, 1.0 / self.s_d_k)  # bf16 on CPU: one kernel pass
+        if bias is None:
+            if mask.positions is None:  # keys in time order
+                matrix_bd = self.rel_shift(scores)[..., :s]
+            else:  # keys in the order of a ring (streaming): each key's relative position picked out
+                matrix_bd = scores.gather(-1, mask.positions.expand(b, self.h, t, s))
+            bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
         # The fused kernel reads k and v as strided views of the ring window: no per-head copies.
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias,
                                              dropout_p=self.dropout.p if self.training else 0.0,
@@ -454,6 +456,25 @@ class RelPositionMultiHeadAttention(nn.Module):
         return scores.view(self.h, b, t, -1).transpose(0, 1)
 
 
+def _ring_position_bias(scores: torch.Tensor, mask: "AttentionMask", scale: float) -> torch.Tensor | None:
+    """mask.bias + scale * (each pair's positional score) in one pass of chorus' kernel, for bf16 scores over
+    a ring of keys (streaming on CPU); None where torch's gather and add are taken instead."""
+    kernel = rows_kernel.position_bias_kernel()
+    if kernel is None or mask.positions is None or scores.dtype != torch.bfloat16 or not scores.is_cpu \
+            or mask.bias.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return None
+    b, h, t, p = scores.shape
+    s = mask.positions.shape[-1]
+    whole = scores.transpose(0, 1)  # position_scores' [H, B*T, P] product, viewed back
+    if not whole.is_contiguous() or not mask.bias.is_contiguous():
+        return None
+    out = torch.empty(b, h, t, s, dtype=torch.bfloat16)
+    if kernel(b, h, t, s, p, whole.data_ptr(), mask.positions_int32().data_ptr(), mask.bias.data_ptr(), scale,
+              out.data_ptr()):
+        raise ValueError(f"position_bias kernel rejected scores {tuple(scores.shape)}")
+    return out
+
+
 @dataclass
 class AttentionMask:
     """NeMo's boolean streaming mask in the forms attention uses: an additive bias [B, 1, T, S]
@@ -464,6 +485,12 @@ class AttentionMask:
     bias: torch.Tensor
     rows_hidden: torch.Tensor | None  # None: no row to zero
     positions: torch.Tensor | None = None
+
+    def positions_int32(self) -> torch.Tensor:
+        """`positions` as contiguous int32 [B, T, S] for chorus' kernel: made once per step, read by every layer."""
+        if getattr(self, "_positions_int32", None) is None:
+            self._positions_int32 = self.positions[:, 0].to(torch.int32).contiguous()
+        return self._positions_int32
 
     @classmethod
     def of(cls, hidden: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> "AttentionMask":
