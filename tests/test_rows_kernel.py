@@ -228,3 +228,37 @@ def test_ring_position_bias_kernel_equals_torch(streams, frames, width):
         got = _ring_position_bias(scores, mask, 0.125)
     want = torch.add(mask.bias, scores.gather(-1, positions.expand(streams, heads, frames, width)), alpha=0.125)
     assert got is not None and torch.equal(got, want)
+
+
+@needs_bf16
+def test_lstm_cell_kernel_equals_the_predictor_step():
+    """The bf16 path's greedy label step (heads.step_emitting): the emitting streams' state as `step` gives it,
+    within the kernel's sigmoid/tanh error; the others untouched; and greedy decoding through it or through
+    `step` gives the same tokens here."""
+    from chorus.asr.conformer.decoding import rnnt_greedy
+    from chorus.asr.conformer.heads import RNNTJoint, RNNTPredictor
+    from chorus.asr.dtypes import cast_to_bf16
+    torch.manual_seed(0)
+    pred, joint = RNNTPredictor(40, 32).eval(), RNNTJoint(24, 32, 48, 40).eval()
+    cast_to_bf16(pred.prediction["dec_rnn"])
+    h, c = pred.initial_state(6)
+    h.normal_()
+    c.normal_(std=3)
+    labels, emit = torch.randint(0, 40, (6,)), torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    with torch.no_grad():
+        assert pred.emitting_kernel(h) is not None
+        want, (h1, c1) = pred.step(torch.where(emit, labels, pred.blank), (h, c))
+        hk, ck, out = h.clone(), c.clone(), h[0].clone()
+        pred.step_emitting(labels, emit, hk, ck, out)
+    assert torch.allclose(hk[:, emit], h1[:, emit], atol=1e-6) and torch.allclose(ck[:, emit], c1[:, emit], atol=2e-6)
+    assert torch.equal(hk[:, ~emit], h[:, ~emit]) and torch.equal(ck[:, ~emit], c[:, ~emit])
+    assert torch.equal(out, hk[0])
+    enc = torch.randn(6, 9, 24)
+    lengths = torch.tensor([9, 9, 5, 9, 1, 7])
+    state, start = pred.initial_state(6), torch.zeros(6, 32)
+    with torch.no_grad():
+        fused = rnnt_greedy(joint, pred, enc, lengths, state, start)
+        with rows_kernel.switched_off():
+            plain = rnnt_greedy(joint, pred, enc, lengths, state, start)
+    assert torch.equal(fused[0], plain[0]) and (fused[0] >= 0).sum() > 5
+    assert torch.allclose(fused[1][0], plain[1][0], atol=1e-5)

@@ -364,3 +364,43 @@ BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint
       }
   return 0;
 }
+
+/* ---- the RNNT predictor's LSTM cell for the streams that emitted, bf16 path ---------------------------------
+ * For each stream b with emit[b]: gates = hh[b] + table[labels[b]] (PyTorch's order i, f, g, o, each H wide),
+ * c[b] = sigmoid(f) c[b] + sigmoid(i) tanh(g), h[b] = out[b] = sigmoid(o) tanh(c[b]), in place; the other
+ * streams keep theirs.  hh is W_hh h (the product, done before), table the per-label input half of the gates
+ * (heads.py).  Through torch a label step of the greedy loop was ~20 small operations on [B, 4H] and three
+ * selects between old and new state; this is one pass over the emitting rows.  sigmoid and tanh come from
+ * exp512 (relative error < 2e-7), so the bf16 path only uses it: fp32 decoding keeps torch's. */
+BF16_TARGET static inline __m512 sigmoid512(__m512 x) {
+  return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+BF16_TARGET static inline __m512 tanh512(__m512 x) {  /* 2 sigmoid(2x) - 1 */
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid512(_mm512_add_ps(x, x)), _mm512_set1_ps(1.0f));
+}
+
+BF16_TARGET int lstm_cell_emitting(int B, int H, int V, const float* hh, const float* table, const int64_t* labels,
+                                   const uint8_t* emit, float* h, float* c, float* out) {
+  if (B < 1 || H < 16 || (H & 15) || V < 1) return -1;
+  for (int b = 0; b < B; b++) {
+    if (!emit[b]) continue;
+    if (labels[b] < 0 || labels[b] >= V) return -1;
+    const float* g0 = hh + (size_t)b * 4 * H;
+    const float* t0 = table + (size_t)labels[b] * 4 * H;
+    float* hb = h + (size_t)b * H;
+    float* cb = c + (size_t)b * H;
+    float* ob = out + (size_t)b * H;
+    for (int j = 0; j < H; j += 16) {
+#define GATE(k) _mm512_add_ps(_mm512_loadu_ps(g0 + (k) * H + j), _mm512_loadu_ps(t0 + (k) * H + j))
+      const __m512 i = sigmoid512(GATE(0)), f = sigmoid512(GATE(1)), g = tanh512(GATE(2)), o = sigmoid512(GATE(3));
+#undef GATE
+      const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(cb + j), _mm512_mul_ps(i, g));
+      const __m512 hn = _mm512_mul_ps(o, tanh512(cn));
+      _mm512_storeu_ps(cb + j, cn);
+      _mm512_storeu_ps(hb + j, hn);
+      _mm512_storeu_ps(ob + j, hn);
+    }
+  }
+  return 0;
+}

@@ -16,8 +16,9 @@ CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are o
 The same library holds two per-row kernels of the FastConformer's bf16 path, on where the bf16 kernel is: the
 residual add + layer norm (`add_layer_norm_kernel`, used by residual_norm.py), the subsampling's first
 convolution with its bias, ReLU and cast (`conv_taps_relu_kernel`), the convolution module's depthwise
-convolution with its layer norm and Swish (`depthwise_norm_silu_kernel`, used by depthwise.py), and the
-attention's positional bias over a ring of keys (`position_bias_kernel`).
+convolution with its layer norm and Swish (`depthwise_norm_silu_kernel`, used by depthwise.py), the
+attention's positional bias over a ring of keys (`position_bias_kernel`), and the RNNT predictor's LSTM cell
+for the streams that emitted a label (`lstm_cell_kernel`, used by heads.py).
 """
 from __future__ import annotations
 
@@ -106,6 +107,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.bf16_conv_taps_relu
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4
+    fn = lib.lstm_cell_emitting
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7
     fn = lib.bf16_position_bias
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p]
@@ -130,6 +134,7 @@ def _decide() -> None:
     _state["conv_taps_relu"] = lib.bf16_conv_taps_relu if bf16 else None
     _state["depthwise_norm_silu"] = lib.bf16_depthwise_norm_silu if bf16 else None
     _state["position_bias"] = lib.bf16_position_bias if bf16 else None
+    _state["lstm_cell"] = lib.lstm_cell_emitting if bf16 else None
     _state["bf16_reason"] = reason or (None if bf16 else "the CPU has no AVX512-BF16")
     _state["decided"] = True
 
@@ -158,6 +163,11 @@ def conv_taps_relu_kernel():
 def position_bias_kernel():
     """The compiled positional bias of attention over a ring of keys, bf16 path (conformer/model.py), or None."""
     return _state.get("position_bias") if kernel(torch.bfloat16) is not None else None
+
+
+def lstm_cell_kernel():
+    """The compiled LSTM cell of the RNNT predictor for the emitting streams, bf16 path (heads.py), or None."""
+    return _state.get("lstm_cell") if kernel(torch.bfloat16) is not None else None
 
 
 def depthwise_norm_silu_kernel():

@@ -37,6 +37,9 @@ def rnnt_greedy(joint: RNNTJoint, predictor: RNNTPredictor, encoded: torch.Tenso
     f = joint.project_encoder(encoded)
     p = joint.project_prediction(pred_out)
     h, c = state
+    in_place = predictor.emitting_kernel(h) is not None  # bf16 on CPU: one kernel call a label step, on copies
+    if in_place:
+        h, c, pred_out = (x.clone(memory_format=torch.contiguous_format) for x in (h, c, pred_out))
     tokens = torch.full((b, t_len, max_symbols), -1, dtype=torch.long, device=encoded.device)
     for t in range(t_len):
         active = t < lengths
@@ -48,11 +51,15 @@ def rnnt_greedy(joint: RNNTJoint, predictor: RNNTPredictor, encoded: torch.Tenso
             if not bool(emit.any()):
                 break
             tokens[:, t, s] = torch.where(emit, label, -1)
-            g_new, (h_new, c_new) = predictor.step(torch.where(emit, label, blank), (h, c))
-            h = torch.where(emit[None, :, None], h_new, h)
-            c = torch.where(emit[None, :, None], c_new, c)
-            pred_out = torch.where(emit[:, None], g_new, pred_out)
-            p = torch.where(emit[:, None], joint.project_prediction(g_new), p)
+            if in_place:
+                predictor.step_emitting(label, emit, h, c, pred_out)
+                p = torch.where(emit[:, None], joint.project_prediction(pred_out), p)
+            else:
+                g_new, (h_new, c_new) = predictor.step(torch.where(emit, label, blank), (h, c))
+                h = torch.where(emit[None, :, None], h_new, h)
+                c = torch.where(emit[None, :, None], c_new, c)
+                pred_out = torch.where(emit[:, None], g_new, pred_out)
+                p = torch.where(emit[:, None], joint.project_prediction(g_new), p)
             active = emit
     return tokens, (h, c), pred_out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import rows_kernel
 from ..packed_linear import packed_linear
 
 
@@ -81,6 +82,29 @@ class RNNTPredictor(nn.Module):
             hs.append(x)
             cs.append(c_k)
         return x, (torch.stack(hs), torch.stack(cs))
+
+    def emitting_kernel(self, h: torch.Tensor):
+        """chorus' kernel for `step_emitting` where it applies, else None: inference on CPU with fp32 state and a
+        one-layer LSTM with bf16 weights (the kernel's sigmoid and tanh are within 2e-7 of torch's, not equal, so
+        fp32 decoding keeps `step`)."""
+        lstm = self.prediction["dec_rnn"].lstm
+        if (self.layers != 1 or torch.is_grad_enabled() or lstm.weight_hh_l0.dtype != torch.bfloat16
+                or not h.is_cpu or h.dtype != torch.float32 or self.hidden % 16):
+            return None
+        return rows_kernel.lstm_cell_kernel()
+
+    def step_emitting(self, labels: torch.Tensor, emit: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                      out: torch.Tensor) -> None:
+        """`step` for the streams where `emit` is set, written in place into h, c [1, B, H] and out [B, H]
+        (contiguous, owned by the caller); the other streams keep theirs.  One kernel pass instead of the ~20
+        operations of `step` and the selects after it; `emitting_kernel(h)` must be on."""
+        lstm = self.prediction["dec_rnn"].lstm
+        table = self._input_gates(lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        hh = product(self, h[0], lstm.weight_hh_l0).contiguous()
+        labels, emit = labels.contiguous(), emit.to(torch.uint8).contiguous()
+        if self.emitting_kernel(h)(h.shape[1], self.hidden, table.shape[0], hh.data_ptr(), table.data_ptr(),
+                                   labels.data_ptr(), emit.data_ptr(), h.data_ptr(), c.data_ptr(), out.data_ptr()):
+            raise ValueError("lstm_cell kernel rejected its arguments (a label outside the vocabulary?)")
 
     def _input_gates(self, w_ih, b_ih, b_hh) -> torch.Tensor:
         """Layer 0's input half of the gates for every label, W_ih embed(label) + b_ih + b_hh: [vocab + 1, 4H].

@@ -16,7 +16,8 @@
   repeats (the predictor LSTM's and the joint's encoder and predictor projections, 8 of the ~11 MB of weights a
   label step reads at the real size) run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy
   loop x1.13 / x1.64 faster at 16 / 64 streams, and no WER worse than with them in fp32 (bench/README.md, "bf16
-  RNNT products").  The LSTM state, the gates' sums, the joint's output layer (the logits the beam search and
+  RNNT products"); the greedy loop's LSTM cell for the streams that emitted runs as one kernel pass
+  (`heads.step_emitting`, x1.25-1.32 on the loop).  The LSTM state, the gates' sums, the joint's output layer (the logits the beam search and
   the LM score) and the CTC head stay fp32: with the output layer in bf16 too the loop gained x1.34 / x2.29 but
   the 200 awb sentences lost 0.41 points with beam + LM against fp32 decoders (15 worse, 9 better).
 * int8: every matrix product of the encoder (subsampling output, Q/K/V, attention output, both
