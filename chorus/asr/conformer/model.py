@@ -270,7 +270,7 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
     if fused is not None and x.dtype == conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0 \
             and not torch.is_grad_enabled():
         # chorus' kernel: product, bias, ReLU and cast of each output row in registers (rows_kernel.c)
-        taps = patches.reshape(b * t * f, -1)
+        taps = patches.reshape(b * t * f, -1).contiguous()  # the overlapping windows, copied
         w = conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous()
         out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype)
         if fused(taps.shape[0], taps.shape[1], conv.out_channels, taps.data_ptr(), w.data_ptr(),
