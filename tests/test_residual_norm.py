@@ -37,14 +37,14 @@ def reference(residual, y, alpha, norm):
 
 @needs_kernel
 def test_kernel_is_on_here():
-    assert rows_kernel.add_layer_norm_kernel() is not None
+    assert rows_kernel.fused("add_layer_norm") is not None
 
 
 @pytest.mark.parametrize("width", [64, 512, 80])    # 80: not a multiple of 64 (the kernel's unrolled sums)
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 @pytest.mark.parametrize("kernel", [True, False])
 def test_matches_torch(width, alpha, kernel):
-    if kernel and rows_kernel.add_layer_norm_kernel() is None:
+    if kernel and rows_kernel.fused("add_layer_norm") is None:
         pytest.skip("no kernel on this machine")
     norm = make_norm(width, seed=width)
     residual = torch.randn(3, 7, width) * 4 + 2   # an offset mean, as a residual stream has

@@ -179,7 +179,7 @@ def test_first_convolution_kernel_equals_torch(channels):
     conv = CausalConv2D(1, channels, 3, 2).eval()
     x = torch.randn(5, 1, 33, 80).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert rows_kernel.conv_taps_relu_kernel() is not None
+        assert rows_kernel.fused("conv_taps_relu") is not None
         got = _first_conv_relu(x, conv, torch.bfloat16)
         want = torch.relu(F.conv2d(x, conv.weight, conv.bias, stride=2, padding=2))[:, :, :got.shape[2], :got.shape[3]]
         alone = _first_conv_relu(x[3:4].contiguous(memory_format=torch.channels_last), conv, torch.bfloat16)

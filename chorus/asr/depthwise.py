@@ -36,7 +36,7 @@ def depthwise_norm_silu(conv: nn.Conv1d, norm: nn.Module, window: torch.Tensor) 
     """silu(norm(conv(window))) in bf16 through chorus' kernel (rows_kernel.c), for a bf16 window [B, k-1+T, C]
     with an fp32 depthwise `conv` and LayerNorm `norm` (the FastConformer's bf16 path), or None where the
     kernel does not apply (the caller then takes torch's ops)."""
-    kernel = rows_kernel.depthwise_norm_silu_kernel()
+    kernel = rows_kernel.fused("depthwise_norm_silu")
     if (kernel is None or torch.is_grad_enabled() or not isinstance(norm, nn.LayerNorm)
             or window.dtype != torch.bfloat16 or not window.is_cpu or not window.is_contiguous()
             or conv.weight.dtype != torch.float32 or norm.weight is None or norm.bias is None

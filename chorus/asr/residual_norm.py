@@ -24,7 +24,7 @@ def add_norm(residual: torch.Tensor, y: torch.Tensor | None, alpha: float, norm:
 
     `residual` is fp32 [..., D]; `y` a block's output in any float dtype.  With `in_place`, r is written
     into `residual` (the caller owns it); otherwise r is a new tensor (or `residual` itself when y is None)."""
-    kernel = rows_kernel.add_layer_norm_kernel()
+    kernel = rows_kernel.fused("add_layer_norm")
     if kernel is not None and _kernel_takes(residual, y, norm, out_dtype):
         width = residual.shape[-1]
         if y is None:

@@ -170,18 +170,37 @@ BF16_TARGET int bf16_rows_linear(int M, int N, int K, const uint16_t* x, const u
  * between a layer's blocks while their products run in bf16; in torch that mix costs a pass per cast and per
  * mixed-dtype add, here it is one pass over the row.  Each row's sums go in a fixed order: a row's result
  * never depends on the other rows (batched equals alone, bit for bit). */
-/* Four independent sums, so the adds do not wait on each other; a fixed order all the same. */
-#define SUM_BY_FOUR(EXPR)                                                          \
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;         \
-  int j = 0;                                                                       \
-  for (; j + 64 <= D; j += 64) {                                                   \
-    acc0 = _mm512_add_ps(acc0, EXPR(j));                                           \
-    acc1 = _mm512_add_ps(acc1, EXPR(j + 16));                                      \
-    acc2 = _mm512_add_ps(acc2, EXPR(j + 32));                                      \
-    acc3 = _mm512_add_ps(acc3, EXPR(j + 48));                                      \
-  }                                                                                \
-  for (; j < D; j += 16) acc0 = _mm512_add_ps(acc0, EXPR(j));                      \
-  const float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+BF16_TARGET static inline __m512 bf16x16_to_fp32(__m256i v) {  /* bf16 -> fp32 is a 16-bit shift */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+/* mean and 1 / sqrt(var + eps) of a row of D fp32 values (D a multiple of 16): two passes, each with four
+ * independent sums so the adds do not wait on each other, in a fixed order all the same. */
+BF16_TARGET static inline void row_stats(const float* row, int D, float eps, __m512* mean, __m512* rstd) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int j = 0;
+  for (; j + 64 <= D; j += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(row + j));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(row + j + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(row + j + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(row + j + 48));
+  }
+  for (; j < D; j += 16) a0 = _mm512_add_ps(a0, _mm512_loadu_ps(row + j));
+  *mean = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) / (float)D);
+#define CENTERED_SQUARE(at) \
+  _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + (at)), *mean), _mm512_sub_ps(_mm512_loadu_ps(row + (at)), *mean))
+  a0 = a1 = a2 = a3 = _mm512_setzero_ps();
+  for (j = 0; j + 64 <= D; j += 64) {
+    a0 = _mm512_add_ps(a0, CENTERED_SQUARE(j));
+    a1 = _mm512_add_ps(a1, CENTERED_SQUARE(j + 16));
+    a2 = _mm512_add_ps(a2, CENTERED_SQUARE(j + 32));
+    a3 = _mm512_add_ps(a3, CENTERED_SQUARE(j + 48));
+  }
+  for (; j < D; j += 16) a0 = _mm512_add_ps(a0, CENTERED_SQUARE(j));
+#undef CENTERED_SQUARE
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) / (float)D;
+  *rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(var + eps))));
+}
 
 BF16_TARGET int bf16_add_layer_norm(int M, int D, const float* res_in, const uint16_t* y, float alpha,
                                     float* res_out, const float* gamma, const float* beta, float eps,
@@ -195,31 +214,19 @@ BF16_TARGET int bf16_add_layer_norm(int M, int D, const float* res_in, const uin
     float* keep = res_out ? res_out + (size_t)m * D : row;
     for (int j = 0; j < D; j += 16) {
       __m512 v = _mm512_loadu_ps(r + j);
-      if (ym) {
-        const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(ym + j))), 16);
-        v = _mm512_fmadd_ps(a, _mm512_castsi512_ps(bits), v);
-      }
+      if (ym) v = _mm512_fmadd_ps(a, bf16x16_to_fp32(_mm256_loadu_si256((const __m256i*)(ym + j))), v);
       _mm512_storeu_ps(keep + j, v);
     }
-#define VALUE(j) _mm512_loadu_ps(keep + (j))
-    SUM_BY_FOUR(VALUE)
-    const float mean_f = total / (float)D;
-    const __m512 mean = _mm512_set1_ps(mean_f);
-#define SQUARE(j) _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean), _mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean))
-    {
-      SUM_BY_FOUR(SQUARE)
-      const __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(total / (float)D + eps))));
-      for (int j = 0; j < D; j += 16) {
-        const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + j), mean), rstd);
-        const __m512 o = _mm512_fmadd_ps(c, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j));
-        if (out_bf16)
-          _mm256_storeu_si256((__m256i*)((uint16_t*)out + (size_t)m * D + j), (__m256i)_mm512_cvtneps_pbh(o));
-        else
-          _mm512_storeu_ps((float*)out + (size_t)m * D + j, o);
-      }
+    __m512 mean, rstd;
+    row_stats(keep, D, eps, &mean, &rstd);
+    for (int j = 0; j < D; j += 16) {
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + j), mean), rstd);
+      const __m512 o = _mm512_fmadd_ps(c, _mm512_loadu_ps(gamma + j), _mm512_loadu_ps(beta + j));
+      if (out_bf16)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + (size_t)m * D + j), (__m256i)_mm512_cvtneps_pbh(o));
+      else
+        _mm512_storeu_ps((float*)out + (size_t)m * D + j, o);
     }
-#undef VALUE
-#undef SQUARE
   }
   return 0;
 }
@@ -261,12 +268,7 @@ BF16_TARGET int bf16_conv_taps_relu(int R, int K, int N, const float* p, const f
   return 0;
 }
 
-/* ---- the FastConformer convolution module's depthwise convolution + layer norm + Swish, bf16 path --------
- * window bf16 [B][K-1+T][C] (each stream's cached K-1 frames, then its T new ones), w fp32 [K][C], b fp32 [C]
- * or NULL, gamma/beta fp32 [C]; out bf16 [B][T][C] = bf16(silu(LayerNorm(b + sum_j w[j] window[t+j]))).  The
- * convolution sums in fp32 from the bias in tap order, the norm and Swish run on the fp32 sums, and the one
- * rounding is the last; through torch the window was cast, then 9 multiply-add passes, a cast, the norm and the
- * Swish each went over [B, T, C].  Rows are independent: batched equals alone, bit for bit. */
+/* ---- e^x and the functions built on it, for the bf16 path's kernels below ---------------------------------- */
 BF16_TARGET static inline __m512 exp512(__m512 x) {
   /* e^x = 2^n e^r, r = x - n ln2 in [-ln2/2, ln2/2]; degree-7 Taylor polynomial (relative error < 2e-7, far
    * below the bf16 rounding that follows); inputs clamped where e^x is 0 or inf in fp32. */
@@ -286,6 +288,27 @@ BF16_TARGET static inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+/* 1 / (1 + e^-x), x sigmoid(x) (Swish) and tanh, from exp512: within ~2e-7 relative of the exact values. */
+BF16_TARGET static inline __m512 exp_neg_plus_one(__m512 x) {
+  return _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+}
+
+BF16_TARGET static inline __m512 sigmoid512(__m512 x) {
+  return _mm512_div_ps(_mm512_set1_ps(1.0f), exp_neg_plus_one(x));
+}
+
+BF16_TARGET static inline __m512 swish512(__m512 x) { return _mm512_div_ps(x, exp_neg_plus_one(x)); }
+
+BF16_TARGET static inline __m512 tanh512(__m512 x) {  /* 2 sigmoid(2x) - 1 */
+  return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid512(_mm512_add_ps(x, x)), _mm512_set1_ps(1.0f));
+}
+
+/* ---- the FastConformer convolution module's depthwise convolution + layer norm + Swish, bf16 path --------
+ * window bf16 [B][K-1+T][C] (each stream's cached K-1 frames, then its T new ones), w fp32 [K][C], b fp32 [C]
+ * or NULL, gamma/beta fp32 [C]; out bf16 [B][T][C] = bf16(silu(LayerNorm(b + sum_j w[j] window[t+j]))).  The
+ * convolution sums in fp32 from the bias in tap order, the norm and Swish run on the fp32 sums, and the one
+ * rounding is the last; through torch the window was cast, then 9 multiply-add passes, a cast, the norm and the
+ * Swish each went over [B, T, C].  Rows are independent: batched equals alone, bit for bit. */
 BF16_TARGET int bf16_depthwise_norm_silu(int B, int T, int K, int C, const uint16_t* window, const float* w,
                                          const float* b, const float* gamma, const float* beta, float eps,
                                          uint16_t* out) {
@@ -298,31 +321,19 @@ BF16_TARGET int bf16_depthwise_norm_silu(int B, int T, int K, int C, const uint1
       for (int c = 0; c < C; c += 16) {
         __m512 acc = b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps();
         for (int j = 0; j < K; j++) {
-          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + (size_t)j * C + c))), 16));
+          const __m512 v = bf16x16_to_fp32(_mm256_loadu_si256((const __m256i*)(x + (size_t)j * C + c)));
           acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(w + (size_t)j * C + c), acc);
         }
         _mm512_storeu_ps(row + c, acc);
       }
-      float* keep = row;
-      const int D = C;
-#define VALUE(j) _mm512_loadu_ps(keep + (j))
-      SUM_BY_FOUR(VALUE)
-      const __m512 mean = _mm512_set1_ps(total / (float)D);
-#define SQUARE(j) _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean), _mm512_sub_ps(_mm512_loadu_ps(keep + (j)), mean))
-      {
-        SUM_BY_FOUR(SQUARE)
-        const __m512 rstd = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(total / (float)D + eps))));
-        uint16_t* o = out + ((size_t)s * T + t) * C;
-        for (int c = 0; c < C; c += 16) {
-          const __m512 z = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(keep + c), mean), rstd),
-                                           _mm512_loadu_ps(gamma + c), _mm512_loadu_ps(beta + c));
-          const __m512 swish = _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-          _mm256_storeu_si256((__m256i*)(o + c), (__m256i)_mm512_cvtneps_pbh(swish));
-        }
+      __m512 mean, rstd;
+      row_stats(row, C, eps, &mean, &rstd);
+      uint16_t* o = out + ((size_t)s * T + t) * C;
+      for (int c = 0; c < C; c += 16) {
+        const __m512 z = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row + c), mean), rstd),
+                                         _mm512_loadu_ps(gamma + c), _mm512_loadu_ps(beta + c));
+        _mm256_storeu_si256((__m256i*)(o + c), (__m256i)_mm512_cvtneps_pbh(swish512(z)));
       }
-#undef VALUE
-#undef SQUARE
     }
   }
   return 0;
@@ -356,9 +367,10 @@ BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint
           const __m512i byte = _mm512_add_epi32(row_v, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, p + s), two));
           const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
                                                           _mm512_and_si512(byte, aligned), base, 1);
-          const __m512i half = _mm512_and_si512(_mm512_srlv_epi32(raw, _mm512_slli_epi32(_mm512_and_si512(byte, two), 3)), low16);
+          const __m512i shift = _mm512_slli_epi32(_mm512_and_si512(byte, two), 3);  /* 0 or 16 bits */
+          const __m512i half = _mm512_and_si512(_mm512_srlv_epi32(raw, shift), low16);
           const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
-          const __m512 mk = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, m + s)), 16));
+          const __m512 mk = bf16x16_to_fp32(_mm256_maskz_loadu_epi16(k, m + s));
           _mm256_mask_storeu_epi16(o + s, k, (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(v, sc, mk)));
         }
       }
@@ -372,14 +384,6 @@ BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint
  * (heads.py).  Through torch a label step of the greedy loop was ~20 small operations on [B, 4H] and three
  * selects between old and new state; this is one pass over the emitting rows.  sigmoid and tanh come from
  * exp512 (relative error < 2e-7), so the bf16 path only uses it: fp32 decoding keeps torch's. */
-BF16_TARGET static inline __m512 sigmoid512(__m512 x) {
-  return _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-BF16_TARGET static inline __m512 tanh512(__m512 x) {  /* 2 sigmoid(2x) - 1 */
-  return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid512(_mm512_add_ps(x, x)), _mm512_set1_ps(1.0f));
-}
-
 BF16_TARGET int lstm_cell_emitting(int B, int H, int V, const float* hh, const float* table, const int64_t* labels,
                                    const uint8_t* emit, float* h, float* c, float* out) {
   if (B < 1 || H < 16 || (H & 15) || V < 1) return -1;

@@ -13,12 +13,12 @@ with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 
-The same library holds two per-row kernels of the FastConformer's bf16 path, on where the bf16 kernel is: the
-residual add + layer norm (`add_layer_norm_kernel`, used by residual_norm.py), the subsampling's first
-convolution with its bias, ReLU and cast (`conv_taps_relu_kernel`), the convolution module's depthwise
-convolution with its layer norm and Swish (`depthwise_norm_silu_kernel`, used by depthwise.py), the
-attention's positional bias over a ring of keys (`position_bias_kernel`), and the RNNT predictor's LSTM cell
-for the streams that emitted a label (`lstm_cell_kernel`, used by heads.py).
+The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16
+kernel is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first
+convolution with its bias, ReLU and cast ("conv_taps_relu"), the convolution module's depthwise convolution with
+its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention's positional bias over a
+ring of keys ("position_bias"), and the RNNT predictor's LSTM cell for the streams that emitted a label
+("lstm_cell", used by heads.py).
 """
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ BLOCK = 16  # output columns per packed block (one AVX-512 register of fp32 sums
 # Split a product over torch's threads only when each part still streams enough weight to hide the handoff
 # (~20-40 us through a Python thread pool).
 SPLIT_MIN_WEIGHT_BYTES = 256 * 1024
+
+_INT, _PTR, _FLOAT = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+# The bf16 path's per-row kernels in rows_kernel.c: key -> (C function, its argument types).
+_FUSED = {
+    "add_layer_norm": ("bf16_add_layer_norm", [_INT, _INT, _PTR, _PTR, _FLOAT, _PTR, _PTR, _PTR, _FLOAT, _PTR, _INT]),
+    "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4),
+    "depthwise_norm_silu": ("bf16_depthwise_norm_silu", [_INT] * 4 + [_PTR] * 5 + [_FLOAT, _PTR]),
+    "position_bias": ("bf16_position_bias", [_INT] * 5 + [_PTR] * 3 + [_FLOAT, _PTR]),
+    "lstm_cell": ("lstm_cell_emitting", [_INT] * 3 + [_PTR] * 7),
+}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -100,22 +110,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
-    fn = lib.bf16_add_layer_norm
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    fn = lib.bf16_conv_taps_relu
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 4
-    fn = lib.lstm_cell_emitting
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7
-    fn = lib.bf16_position_bias
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_float, ctypes.c_void_p]
-    fn = lib.bf16_depthwise_norm_silu
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
+    for name, argtypes in _FUSED.values():
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = argtypes
     return lib
 
 
@@ -130,11 +127,8 @@ def _decide() -> None:
     _state[torch.float32] = lib.fp32_rows_linear if lib else None
     bf16 = lib is not None and _cpu_has_avx512_bf16()
     _state[torch.bfloat16] = lib.bf16_rows_linear if bf16 else None
-    _state["add_layer_norm"] = lib.bf16_add_layer_norm if bf16 else None
-    _state["conv_taps_relu"] = lib.bf16_conv_taps_relu if bf16 else None
-    _state["depthwise_norm_silu"] = lib.bf16_depthwise_norm_silu if bf16 else None
-    _state["position_bias"] = lib.bf16_position_bias if bf16 else None
-    _state["lstm_cell"] = lib.lstm_cell_emitting if bf16 else None
+    for key, (name, _) in _FUSED.items():
+        _state[("fused", key)] = getattr(lib, name) if bf16 else None
     _state["bf16_reason"] = reason or (None if bf16 else "the CPU has no AVX512-BF16")
     _state["decided"] = True
 
@@ -150,29 +144,10 @@ def kernel(dtype: torch.dtype = torch.float32):
     return _state.get(dtype)
 
 
-def add_layer_norm_kernel():
-    """The compiled residual add + layer norm of the bf16 path (`residual_norm.py`), or None, as `kernel`."""
-    return _state.get("add_layer_norm") if kernel(torch.bfloat16) is not None else None
-
-
-def conv_taps_relu_kernel():
-    """The compiled first convolution + bias + ReLU -> bf16 of the bf16 path (conformer/model.py), or None."""
-    return _state.get("conv_taps_relu") if kernel(torch.bfloat16) is not None else None
-
-
-def position_bias_kernel():
-    """The compiled positional bias of attention over a ring of keys, bf16 path (conformer/model.py), or None."""
-    return _state.get("position_bias") if kernel(torch.bfloat16) is not None else None
-
-
-def lstm_cell_kernel():
-    """The compiled LSTM cell of the RNNT predictor for the emitting streams, bf16 path (heads.py), or None."""
-    return _state.get("lstm_cell") if kernel(torch.bfloat16) is not None else None
-
-
-def depthwise_norm_silu_kernel():
-    """The compiled depthwise convolution + layer norm + Swish -> bf16 of the bf16 path (depthwise.py), or None."""
-    return _state.get("depthwise_norm_silu") if kernel(torch.bfloat16) is not None else None
+def fused(key: str):
+    """The compiled per-row kernel `key` of the bf16 path (one of `_FUSED`), or None where the bf16 kernel is off
+    (see `status`); the callers then take torch's ops."""
+    return _state.get(("fused", key)) if kernel(torch.bfloat16) is not None else None
 
 
 def status() -> str:

@@ -91,7 +91,7 @@ class RNNTPredictor(nn.Module):
         if (self.layers != 1 or torch.is_grad_enabled() or lstm.weight_hh_l0.dtype != torch.bfloat16
                 or not h.is_cpu or h.dtype != torch.float32 or self.hidden % 16):
             return None
-        return rows_kernel.lstm_cell_kernel()
+        return rows_kernel.fused("lstm_cell")
 
     def step_emitting(self, labels: torch.Tensor, emit: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
                       out: torch.Tensor) -> None:
@@ -102,8 +102,9 @@ class RNNTPredictor(nn.Module):
         table = self._input_gates(lstm.weight_ih_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
         hh = product(self, h[0], lstm.weight_hh_l0).contiguous()
         labels, emit = labels.contiguous(), emit.to(torch.uint8).contiguous()
-        if self.emitting_kernel(h)(h.shape[1], self.hidden, table.shape[0], hh.data_ptr(), table.data_ptr(),
-                                   labels.data_ptr(), emit.data_ptr(), h.data_ptr(), c.data_ptr(), out.data_ptr()):
+        kernel = rows_kernel.fused("lstm_cell")
+        if kernel(h.shape[1], self.hidden, table.shape[0], hh.data_ptr(), table.data_ptr(), labels.data_ptr(),
+                  emit.data_ptr(), h.data_ptr(), c.data_ptr(), out.data_ptr()):
             raise ValueError("lstm_cell kernel rejected its arguments (a label outside the vocabulary?)")
 
     def _input_gates(self, w_ih, b_ih, b_hh) -> torch.Tensor:

@@ -266,7 +266,7 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
     output.  A block holds whole streams, so a stream's result does not depend on its batch."""
     patches = _patches(x, conv)
     b, t, f = patches.shape[:3]
-    fused = rows_kernel.conv_taps_relu_kernel() if out_dtype == torch.bfloat16 and x.is_cpu else None
+    fused = rows_kernel.fused("conv_taps_relu") if out_dtype == torch.bfloat16 and x.is_cpu else None
     if fused is not None and x.dtype == conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0 \
             and not torch.is_grad_enabled():
         # chorus' kernel: product, bias, ReLU and cast of each output row in registers (rows_kernel.c)
@@ -459,7 +459,7 @@ class RelPositionMultiHeadAttention(nn.Module):
 def _ring_position_bias(scores: torch.Tensor, mask: "AttentionMask", scale: float) -> torch.Tensor | None:
     """mask.bias + scale * (each pair's positional score) in one pass of chorus' kernel, for bf16 scores over
     a ring of keys (streaming on CPU); None where torch's gather and add are taken instead."""
-    kernel = rows_kernel.position_bias_kernel()
+    kernel = rows_kernel.fused("position_bias")
     if kernel is None or mask.positions is None or scores.dtype != torch.bfloat16 or not scores.is_cpu \
             or mask.bias.dtype != torch.bfloat16 or torch.is_grad_enabled():
         return None
