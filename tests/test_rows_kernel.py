@@ -231,6 +231,38 @@ def test_ring_position_bias_kernel_equals_torch(streams, frames, width):
 
 
 @needs_bf16
+@pytest.mark.parametrize("streams,heads,frames,keys,width", [(5, 4, 7, 77, 64), (3, 2, 3, 19, 18), (2, 3, 1, 1, 2)])
+def test_ring_attention_kernel_equals_sdpa(streams, heads, frames, keys, width):
+    """The bf16 attention over keys read where they lie in a ring pool (strided views): the fp32 attention of the
+    same bf16 inputs to within the output's rounding, closer to it than torch's bf16 kernel; a stream's rows
+    do not depend on its batch; hidden keys (bias -10000) get no weight."""
+    from chorus.asr.conformer.model import _ring_attention
+    torch.manual_seed(keys)
+    d = heads * width
+    pool = torch.randn(streams + 2, 3, keys + 1, 2 * d).bfloat16()   # [slots, layers, ring rows + trash, K|V]
+    window = pool[1:1 + streams, 1, :keys]
+    k, v = window[..., :d], window[..., d:]
+    q = torch.randn(streams, frames, heads, width).bfloat16()
+    bias = (torch.randn(streams, heads, frames, keys) * 2).bfloat16()
+    bias[..., : keys // 3] = -10000.0
+    scale = width ** -0.5
+    with torch.no_grad():
+        got = _ring_attention(q, k, v, bias, scale)
+        alone = _ring_attention(q[2:3].clone(), k[2:3], v[2:3], bias[2:3].clone(), scale) if streams > 2 else None
+    heads_of = lambda x: x.float().reshape(streams, keys, heads, width).transpose(1, 2)  # noqa: E731
+    exact = F.scaled_dot_product_attention(q.float().transpose(1, 2), heads_of(k), heads_of(v),
+                                           attn_mask=bias.float(), scale=scale).transpose(1, 2)
+    torch_bf16 = F.scaled_dot_product_attention(q.transpose(1, 2), heads_of(k).bfloat16(), heads_of(v).bfloat16(),
+                                                attn_mask=bias, scale=scale).transpose(1, 2)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (streams, frames, heads, width)
+    assert torch.allclose(got.float(), exact, rtol=2 ** -7, atol=2e-3)
+    assert (got.float() - exact).norm() <= (torch_bf16.float() - exact).norm() * 1.05
+    if alone is not None:
+        assert torch.equal(alone[0], got[2])
+    assert _ring_attention(q.float(), k.float(), v.float(), bias, scale) is None   # fp32 takes torch's attention
+
+
+@needs_bf16
 def test_lstm_cell_kernel_equals_the_predictor_step():
     """The bf16 path's greedy label step (heads.step_emitting): the emitting streams' state as `step` gives it,
     within the kernel's sigmoid/tanh error; the others untouched; and greedy decoding through it or through
