@@ -232,34 +232,50 @@ def test_ring_position_bias_kernel_equals_torch(streams, frames, width):
 
 @needs_bf16
 @pytest.mark.parametrize("streams,heads,frames,keys,width", [(5, 4, 7, 77, 64), (3, 2, 3, 19, 18), (2, 3, 1, 1, 2)])
-def test_ring_attention_kernel_equals_sdpa(streams, heads, frames, keys, width):
-    """The bf16 attention over keys read where they lie in a ring pool (strided views): the fp32 attention of the
-    same bf16 inputs to within the output's rounding, closer to it than torch's bf16 kernel; a stream's rows
-    do not depend on its batch; hidden keys (bias -10000) get no weight."""
-    from chorus.asr.conformer.model import _ring_attention
+def test_ring_attention_kernel_equals_nemos_formula(streams, heads, frames, keys, width):
+    """The bf16 attention over keys read where they lie in a ring pool (strided views), positional term included:
+    NeMo's formula in fp32 on the same bf16 inputs, to within the output's rounding, and closer to it than torch's
+    bf16 path (position product, gather, add, fused attention); a stream's rows do not depend on its batch."""
+    from chorus.asr.conformer.model import AttentionMask, RelPositionMultiHeadAttention, _rel_shift_index
     torch.manual_seed(keys)
     d = heads * width
+    attn = RelPositionMultiHeadAttention(heads, d, 0.0, True, None, None).eval()
+    with torch.no_grad():
+        for w in attn.parameters():
+            w.normal_(0, d ** -0.5)
+    attn = attn.bfloat16()
     pool = torch.randn(streams + 2, 3, keys + 1, 2 * d).bfloat16()   # [slots, layers, ring rows + trash, K|V]
     window = pool[1:1 + streams, 1, :keys]
     k, v = window[..., :d], window[..., d:]
-    q = torch.randn(streams, frames, heads, width).bfloat16()
-    bias = (torch.randn(streams, heads, frames, keys) * 2).bfloat16()
-    bias[..., : keys // 3] = -10000.0
-    scale = width ** -0.5
+    q_u, q_v = torch.randn(2, streams, frames, heads, width).bfloat16()
+    pos_emb = torch.randn(1, 2 * keys - 1, d).bfloat16()
+    key_index = torch.stack([torch.randperm(keys) for _ in range(streams)])
+    positions = _rel_shift_index(frames, keys, "cpu")[:, key_index].transpose(0, 1).unsqueeze(1)
+    hidden = torch.rand(streams, frames, keys) < 0.3
+    hidden[..., 0] = False
+    mask = AttentionMask.of(hidden, torch.bfloat16, positions)
+    scale = 1.0 / attn.s_d_k
     with torch.no_grad():
-        got = _ring_attention(q, k, v, bias, scale)
-        alone = _ring_attention(q[2:3].clone(), k[2:3], v[2:3], bias[2:3].clone(), scale) if streams > 2 else None
-    heads_of = lambda x: x.float().reshape(streams, keys, heads, width).transpose(1, 2)  # noqa: E731
-    exact = F.scaled_dot_product_attention(q.float().transpose(1, 2), heads_of(k), heads_of(v),
-                                           attn_mask=bias.float(), scale=scale).transpose(1, 2)
-    torch_bf16 = F.scaled_dot_product_attention(q.transpose(1, 2), heads_of(k).bfloat16(), heads_of(v).bfloat16(),
-                                                attn_mask=bias, scale=scale).transpose(1, 2)
+        got = attn._ring_attention(q_u, q_v, k, v, mask, pos_emb)
+        one = AttentionMask.of(hidden[2:3], torch.bfloat16, positions[2:3]) if streams > 2 else None
+        alone = attn._ring_attention(q_u[2:3], q_v[2:3], k[2:3], v[2:3], one, pos_emb) if one else None
+        p = attn.project_positions(pos_emb, "p_dk").float()                               # [H, P, d_k]
+        heads_of = lambda x: x.float().reshape(streams, keys, heads, width).transpose(1, 2)  # noqa: E731
+        pos_rows = p[:, positions[:, 0]].permute(1, 0, 2, 3, 4)                           # [B, H, T, S, d_k]
+        content = q_u.float().transpose(1, 2) @ heads_of(k).transpose(-1, -2)
+        positional = (q_v.float().transpose(1, 2)[..., None, :] * pos_rows).sum(-1)
+        weights = torch.softmax(scale * (content + positional) + mask.bias.float(), dim=-1)
+        exact = (weights @ heads_of(v)).transpose(1, 2)
+        scores = attn.position_scores(q_v, pos_emb)
+        bias = torch.add(mask.bias, scores.gather(-1, positions.expand(streams, heads, frames, keys)), alpha=scale)
+        torch_bf16 = F.scaled_dot_product_attention(q_u.transpose(1, 2), heads_of(k).bfloat16(),
+                                                    heads_of(v).bfloat16(), attn_mask=bias, scale=scale).transpose(1, 2)
+        assert attn._ring_attention(q_u.float(), q_v.float(), k.float(), v.float(), mask, pos_emb) is None  # fp32
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (streams, frames, heads, width)
     assert torch.allclose(got.float(), exact, rtol=2 ** -7, atol=2e-3)
-    assert (got.float() - exact).norm() <= (torch_bf16.float() - exact).norm() * 1.05
+    assert (got.float() - exact).norm() <= (torch_bf16.float() - exact).norm()
     if alone is not None:
         assert torch.equal(alone[0], got[2])
-    assert _ring_attention(q.float(), k.float(), v.float(), bias, scale) is None   # fp32 takes torch's attention
 
 
 @needs_bf16

@@ -380,15 +380,18 @@ BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint
 }
 
 /* ---- attention over a ring of keys, bf16 path ---------------------------------------------------------------
- * For each stream b, head h and query t: out[b][t][h] = sum_s p_s v[b][s][h] / sum_s p_s, p_s = e^(a_s - max a),
- * a_s = scale q[b][t][h] . k[b][s][h] + bias[b][h][t][s].  q, out bf16 [B][T][H][D]; k and v bf16, the key s of
- * stream b and head h at k + b * batch_stride + s * row_stride + h * D (views into the K/V ring: no copies);
- * bias bf16 [B][H][T][S] (the mask and the positional term, bf16_position_bias).  The dot products sum bf16
- * pairs in fp32 (vdpbf16ps), the softmax and the weighted sum of v run in fp32, and the output is rounded once.
- * torch's fused kernel spent ~1.4 ms a layer at 16 streams on these 7-query rows; the maths is the same (its
- * weights are rounded to bf16 before the product with v, these are not).  D even, D <= 256, S * D <= 32768 (D
- * rounded up to 16), T * S <= 16384 (S rounded up to 16).  Rows
- * are independent: batched equals alone, bit for bit. */
+ * NeMo's relative-position attention for each stream b, head h and query t over the S keys of a ring:
+ *   a_s = scale ((q_u . k_s) + (q_v . p[pos[b][t][s]])) + mask[b][t][s],  w_s = e^(a_s - max a) / sum e^(a - max a),
+ *   out[b][t][h] = sum_s w_s v_s.
+ * q_u, q_v (the query plus pos_bias_u, pos_bias_v) and out bf16 [B][T][H][D]; k and v bf16, the key s of stream
+ * b and head h at k + b * batch_stride + s * row_stride + h * D (views into the K/V ring: no copies); p bf16
+ * [H][P][D] the projected relative positions, pos int32 [B][T][S] each pair's relative position (in [0, P)),
+ * mask bf16 [B][T][S] (0 or -10000).  Both dot products sum bf16 pairs in fp32 (vdpbf16ps) and go into one
+ * score, the softmax and the weighted sum of v run in fp32, and only the output is rounded.  Through torch this
+ * was a product of every query with every relative position, a gather of the pairs' positional scores, the mask
+ * add (each rounded to bf16) and the fused attention, which alone took ~1.4 ms a layer at 16 streams on these
+ * 7-query rows.  D even, D <= 256, S * D <= 32768 (D rounded up to 16), T * S <= 16384 (S rounded up to 16).
+ * Rows are independent: batched equals alone, bit for bit. */
 /* sum_i of each of 16 registers, as one register (lane i: the sum of v[i]): the 16 horizontal sums in 45
  * shuffles and adds instead of ~130, pairing registers across 256-bit halves, 128-bit quarters, then lanes. */
 BF16_TARGET static inline __m512 sum_each16(const __m512 v[16]) {
@@ -404,38 +407,45 @@ BF16_TARGET static inline __m512 sum_each16(const __m512 v[16]) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), r);
 }
 
-/* 16 lanes whose sum is a . b for D bf16 values (16 pairs a register, fp32 sums) */
-BF16_TARGET static inline __m512 bf16_dot_partial(const uint16_t* a, const uint16_t* b, int D) {
-  if (D == 64)
-    return _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b)),
-                            (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)_mm512_loadu_si512(b + 32));
+/* 16 lanes whose sum is a . b + c . d for D bf16 values each (16 pairs a register, fp32 sums) */
+BF16_TARGET static inline __m512 bf16_dot2_partial(const uint16_t* a, const uint16_t* b, const uint16_t* c,
+                                                   const uint16_t* d, int D) {
+#define DP(acc, x, y, at) _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + at), (__m512bh)_mm512_loadu_si512(y + at))
+  if (D == 64) return DP(DP(DP(DP(_mm512_setzero_ps(), a, b, 0), a, b, 32), c, d, 0), c, d, 32);
+#undef DP
   __m512 acc = _mm512_setzero_ps();
-  for (int d = 0; d < D; d += 32) {
-    const __mmask16 k = tail_mask((D - d) / 2);
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi32(k, a + d), (__m512bh)_mm512_maskz_loadu_epi32(k, b + d));
+  for (int i = 0; i < D; i += 32) {
+    const __mmask16 k = tail_mask((D - i) / 2);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi32(k, a + i), (__m512bh)_mm512_maskz_loadu_epi32(k, b + i));
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi32(k, c + i), (__m512bh)_mm512_maskz_loadu_epi32(k, d + i));
   }
   return acc;
 }
 
-/* scores a[t][s] = q_t . k_s for the T queries at q (row stride qs) and the S keys at k (row stride ks), 16 keys
+/* a[t][s] = q_u[t] . k[s] + q_v[t] . p[pos[t][s]] for T queries (row stride qs) and S keys (rows of D), 16 keys
  * at a time; a's rows (stride as) are padded to whole blocks of 16. */
-BF16_TARGET static inline void ring_scores(int T, int S, int D, const uint16_t* q, size_t qs, const uint16_t* k,
-                                           int64_t ks, float* a, int as) {
+BF16_TARGET static inline void ring_scores(int T, int S, int D, const uint16_t* q_u, const uint16_t* q_v, size_t qs,
+                                           const uint16_t* k, const uint16_t* p, const int32_t* pos, float* a, int as) {
   for (int t = 0; t < T; t++)
     for (int s = 0; s < S; s += 16) {
       __m512 v[16];
       for (int i = 0; i < 16; i++)
-        v[i] = s + i < S ? bf16_dot_partial(q + t * qs, k + (s + i) * ks, D) : _mm512_setzero_ps();
+        v[i] = s + i < S ? bf16_dot2_partial(q_u + t * qs, k + (size_t)(s + i) * D, q_v + t * qs,
+                                             p + (size_t)pos[(size_t)t * S + s + i] * D, D)
+                         : _mm512_setzero_ps();
       _mm512_store_ps(a + (size_t)t * as + s, sum_each16(v));
     }
 }
 
-BF16_TARGET int bf16_ring_attention(int B, int H, int T, int S, int D, const uint16_t* q, const uint16_t* k,
-                                    const uint16_t* v, int64_t batch_stride, int64_t row_stride,
-                                    const uint16_t* bias, float scale, uint16_t* out) {
+BF16_TARGET int bf16_ring_attention(int B, int H, int T, int S, int D, int P, const uint16_t* q_u,
+                                    const uint16_t* q_v, const uint16_t* k, const uint16_t* v, int64_t batch_stride,
+                                    int64_t row_stride, const uint16_t* p, const int32_t* pos, const uint16_t* mask,
+                                    float scale, uint16_t* out) {
   const int as = (S + 15) & ~15, chunks = (D + 15) / 16, dp = chunks * 16;
-  if (B < 1 || H < 1 || T < 1 || S < 1 || D < 2 || (D & 1) || D > 256 || S * dp > 32768 || T * as > 16384)
+  if (B < 1 || H < 1 || T < 1 || S < 1 || P < 1 || D < 2 || (D & 1) || D > 256 || S * dp > 32768 || T * as > 16384)
     return -1;
+  for (size_t i = 0; i < (size_t)B * T * S; i++)
+    if (pos[i] < 0 || pos[i] >= P) return -1;
   float a[16384] __attribute__((aligned(64)));           /* scores, then weights, [T][as] */
   float vf[32768] __attribute__((aligned(64)));          /* one head's values in fp32, [S][dp] */
   /* A stream's keys and values by head, [H][S][D] each: copied out of the ring row by row, so that the
@@ -458,20 +468,21 @@ BF16_TARGET int bf16_ring_attention(int B, int H, int T, int S, int D, const uin
         }
     }
     for (int h = 0; h < H; h++) {
-      const uint16_t* kh = kc + (size_t)h * S * D;
       const uint16_t* vh = vc + (size_t)h * S * D;
       for (int s = 0; s < S; s++)
         for (int c = 0; c < dp; c += 16)
           _mm512_store_ps(vf + (size_t)s * dp + c,
                           bf16x16_to_fp32(_mm256_maskz_loadu_epi16(tail_mask(D - c), vh + (size_t)s * D + c)));
-      ring_scores(T, S, D, q + ((size_t)b * T * H + h) * D, (size_t)H * D, kh, D, a, as);
+      const size_t q0 = ((size_t)b * T * H + h) * D;
+      ring_scores(T, S, D, q_u + q0, q_v + q0, (size_t)H * D, kc + (size_t)h * S * D, p + (size_t)h * P * D,
+                  pos + (size_t)b * T * S, a, as);
       for (int t = 0; t < T; t++) {
         float* at = a + (size_t)t * as;
-        const uint16_t* bt = bias + (((size_t)b * H + h) * T + t) * S;
+        const uint16_t* mt = mask + ((size_t)b * T + t) * S;
         __m512 top = _mm512_set1_ps(-INFINITY);
         for (int s = 0; s < S; s += 16) {
           const __mmask16 m = tail_mask(S - s);
-          const __m512 x = _mm512_fmadd_ps(_mm512_load_ps(at + s), sc, bf16x16_to_fp32(_mm256_maskz_loadu_epi16(m, bt + s)));
+          const __m512 x = _mm512_fmadd_ps(_mm512_load_ps(at + s), sc, bf16x16_to_fp32(_mm256_maskz_loadu_epi16(m, mt + s)));
           _mm512_store_ps(at + s, x);
           top = _mm512_mask_max_ps(top, m, top, x);
         }

@@ -363,18 +363,22 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.pos_bias_v = pos_bias_v
         self._pos_cache: dict[tuple, torch.Tensor] = {}
 
-    def project_positions(self, pos_emb: torch.Tensor, per_head: bool = False) -> torch.Tensor:
-        """linear_pos(pos_emb) [B, P, d], or with `per_head` (a shared pos_emb, B = 1) laid out [H, d_k, P] for
-        the score product.  At inference it depends only on the length and the weights, which are the same
-        every streaming step, so it is computed (and laid out) once per length."""
+    def project_positions(self, pos_emb: torch.Tensor, layout: str = "") -> torch.Tensor:
+        """linear_pos(pos_emb) [B, P, d]; for a shared pos_emb (B = 1) laid out by head, `layout` "dk_p" [H, d_k, P]
+        (the score product's operand) or "p_dk" [H, P, d_k] (chorus' attention kernel's).  At inference it
+        depends only on the length and the weights, which are the same every streaming step, so it is computed
+        (and laid out) once per length."""
         def project():
             p = self.linear_pos(pos_emb)
-            return p[0].view(-1, self.h, self.d_k).permute(1, 2, 0).contiguous() if per_head else p
+            if not layout:
+                return p
+            heads = p[0].view(-1, self.h, self.d_k)
+            return (heads.permute(1, 2, 0) if layout == "dk_p" else heads.transpose(0, 1)).contiguous()
 
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(pos_emb.device.type):
             return project()
         w = self.linear_pos.weight
-        key = (tuple(pos_emb.shape), pos_emb.dtype, pos_emb.device, w.data_ptr(), w._version, per_head)
+        key = (tuple(pos_emb.shape), pos_emb.dtype, pos_emb.device, w.data_ptr(), w._version, layout)
         cached = self._pos_cache.get(key)
         if cached is None:
             if len(self._pos_cache) >= 8:
@@ -424,13 +428,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         every key hidden (padding) are zeroed afterwards, as NeMo's second masked_fill does."""
         b, t, s = q.shape[0], q.shape[1], k.shape[1]
         q = q.reshape(b, t, self.h, self.d_k)
-        q_u = q + self.pos_bias_u
-        scores = self.position_scores(q + self.pos_bias_v, pos_emb)
+        q_u, q_v = q + self.pos_bias_u, q + self.pos_bias_v
+        out = self._ring_attention(q_u, q_v, k, v, mask, pos_emb)  # bf16 streaming on CPU: one kernel pass
+        if out is not None:
+            return linear(self.linear_out, _zero_where(out.view(b, t, self.h * self.d_k), mask.rows_hidden))
+        scores = self.position_scores(q_v, pos_emb)
         bias = _ring_position_bias(scores, mask, 1.0 / self.s_d_k)  # bf16 on CPU: one kernel pass
-        if bias is not None:  # and the attention itself in another, reading k and v where they lie in the ring
-            out = _ring_attention(q_u, k, v, bias, 1.0 / self.s_d_k)
-            if out is not None:
-                return linear(self.linear_out, _zero_where(out.view(b, t, self.h * self.d_k), mask.rows_hidden))
         k = k.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         v = v.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         q_u = q_u.transpose(1, 2)
@@ -447,6 +450,31 @@ class RelPositionMultiHeadAttention(nn.Module):
         out = _zero_where(out.transpose(1, 2).reshape(b, t, self.h * self.d_k), mask.rows_hidden)
         return linear(self.linear_out, out)
 
+    def _ring_attention(self, q_u: torch.Tensor, q_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: "AttentionMask", pos_emb: torch.Tensor) -> torch.Tensor | None:
+        """The whole attention of `attend` in one pass of chorus' kernel (rows_kernel.c bf16_ring_attention), for
+        bf16 streaming on CPU (keys in ring order): q_u, q_v [B, T, H, d_k]; k, v [B, S, d] (views of the K/V
+        ring, read where they lie); out [B, T, H, d_k], rows not yet zeroed.  Through torch the positional term
+        was a product with every relative position, a gather and an add, and then torch's fused attention took
+        ~15 % of a 16-stream step (AMD EPYC, no AMX).  None where torch's path is taken instead."""
+        kernel = rows_kernel.fused("ring_attention")
+        b, t, h, d = q_u.shape
+        s = k.shape[1]
+        if kernel is None or mask.positions is None or pos_emb.shape[0] != 1 or torch.is_grad_enabled() \
+                or any(x.dtype != torch.bfloat16 or not x.is_cpu for x in (q_u, q_v, k, v, mask.bias)) \
+                or k.stride() != v.stride() or k.stride(-1) != 1 or d % 2 or d > 256 \
+                or s * -(-d // 16) * 16 > 32768 or t * -(-s // 16) * 16 > 16384:
+            return None
+        p = self.project_positions(pos_emb, "p_dk")  # [H, P, d_k]
+        q_u, q_v, bias = q_u.contiguous(), q_v.contiguous(), mask.bias.contiguous()
+        out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
+        if kernel(b, h, t, s, d, p.shape[1], q_u.data_ptr(), q_v.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
+                  k.stride(1), p.data_ptr(), mask.positions_int32().data_ptr(), bias.data_ptr(), 1.0 / self.s_d_k,
+                  out.data_ptr()):
+            raise ValueError(f"ring_attention kernel rejected q {tuple(q_u.shape)}, k {tuple(k.shape)}, "
+                             f"positions {tuple(p.shape)}")
+        return out
+
     def position_scores(self, q_v: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
         """(q+v).p for every query and relative position, [B, H, T, P].  The projected positions are the
         same for every stream, so all queries of a head go through one product with them, instead of a
@@ -456,7 +484,7 @@ class RelPositionMultiHeadAttention(nn.Module):
             p = self.project_positions(pos_emb)
             p = p.view(p.shape[0], -1, self.h, self.d_k).transpose(1, 2)
             return torch.matmul(q_v.transpose(1, 2), p.transpose(-2, -1))
-        p = self.project_positions(pos_emb, per_head=True)                                  # [H, d_k, P]
+        p = self.project_positions(pos_emb, "dk_p")                                       # [H, d_k, P]
         scores = torch.matmul(q_v.permute(2, 0, 1, 3).reshape(self.h, b * t, self.d_k), p)  # [H, B*T, P]
         return scores.view(self.h, b, t, -1).transpose(0, 1)
 
@@ -477,26 +505,6 @@ def _ring_position_bias(scores: torch.Tensor, mask: "AttentionMask", scale: floa
     if kernel(b, h, t, s, p, whole.data_ptr(), mask.positions_int32().data_ptr(), mask.bias.data_ptr(), scale,
               out.data_ptr()):
         raise ValueError(f"position_bias kernel rejected scores {tuple(scores.shape)}")
-    return out
-
-
-def _ring_attention(q_u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                    scale: float) -> torch.Tensor | None:
-    """softmax(scale q_u.k + bias) v in one pass of chorus' kernel for bf16 on CPU: q_u [B, T, H, D], k and v
-    [B, S, H*D] (views of the K/V ring), bias [B, H, T, S] from `_ring_position_bias`; out [B, T, H, D].  torch's
-    fused attention spent ~1.4 ms a layer on a 16-stream step's 7-query rows, about 15 % of the step (on an AMD
-    EPYC without AMX); None where scaled_dot_product_attention is taken instead."""
-    kernel = rows_kernel.fused("ring_attention")
-    b, t, h, d = q_u.shape
-    s = k.shape[1]
-    if kernel is None or not q_u.is_contiguous() or k.stride() != v.stride() or k.stride(-1) != 1 \
-            or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or q_u.dtype != torch.bfloat16 or d % 2 \
-            or k.stride(1) % 2 or s * -(-d // 16) * 16 > 32768 or t * -(-s // 16) * 16 > 16384 or d > 256:
-        return None
-    out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
-    if kernel(b, h, t, s, d, q_u.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), bias.data_ptr(),
-              scale, out.data_ptr()):
-        raise ValueError(f"ring_attention kernel rejected q {tuple(q_u.shape)}, k {tuple(k.shape)}")
     return out
 
 
