@@ -17,8 +17,9 @@ Products of few rows go through chorus' own kernels instead (`rows_kernel`, when
 their own packed copy of the weight once, at 9-13 GB/s in fp32 where oneDNN's kernel reached ~5.5 on one core.
 fp32: every product when torch runs one thread (as fast as oneDNN up to 448 rows there), else products of at
 most `FP32_ROWS_MAX_ROWS` rows (beyond that, oneDNN's two-thread kernel was faster).  bf16: products of at most
-`BF16_ROWS_MAX_ROWS` rows (beyond that, oneDNN's AMX kernel wins).  A process that sees both ranges keeps both
-packed copies of a weight.
+`BF16_ROWS_MAX_ROWS` rows on a CPU with AMX (beyond that, oneDNN's AMX kernel wins), `BF16_ROWS_MAX_ROWS_NO_AMX`
+without (there both run on the same AVX512-BF16 dot products, and the kernel was x1.09-1.46 faster at 14-56 rows
+on an AMD EPYC, even at 70).  A process that sees both ranges keeps both packed copies of a weight.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ PACKED_MIN_ROWS = 4  # below, F.linear's matrix-vector path is faster (fp32, mea
 PACKED_BLOCK_ROWS = 256  # larger products run in balanced blocks of at most this many rows
 _ROWS_HINT = 16  # oneDNN picks the blocked layout for about this many rows; measured best for 7-224 rows
 FP32_ROWS_MAX_ROWS = 32  # with more than one thread, fp32 products up to this many rows use rows_kernel
-BF16_ROWS_MAX_ROWS = 8  # bf16 products up to this many rows (one stream's step) use rows_kernel
+BF16_ROWS_MAX_ROWS = 8  # with AMX, bf16 products up to this many rows (one stream's step) use rows_kernel
+BF16_ROWS_MAX_ROWS_NO_AMX = 56  # without AMX, up to eight streams' steps
 _MAX_ENTRIES = 32  # per owner; a weight that is rebuilt (the fused Q/K/V) replaces its entry
 
 
@@ -91,7 +93,8 @@ def _takes_rows_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if x.dtype == torch.float32:
         fits = torch.get_num_threads() == 1 or _rows(x) <= FP32_ROWS_MAX_ROWS
     else:
-        fits = _rows(x) <= BF16_ROWS_MAX_ROWS and x.shape[-1] % 2 == 0
+        most = BF16_ROWS_MAX_ROWS if rows_kernel.cpu_has_amx() else BF16_ROWS_MAX_ROWS_NO_AMX
+        fits = _rows(x) <= most and x.shape[-1] % 2 == 0
     return fits and rows_kernel.kernel(x.dtype) is not None
 
 

@@ -70,12 +70,25 @@ def _disabled_reason() -> str | None:
     return None
 
 
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    if "flags" not in _state:
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            line = ""
+        _state["flags"] = frozenset(line.partition(":")[2].split())
+    return _state["flags"]
+
+
 def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
-    except OSError:
-        return False
+    return "avx512_bf16" in _cpu_flags()
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX's bf16 tiles, which oneDNN's bf16 products use (a few times faster there)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def _cache_dir() -> Path:
