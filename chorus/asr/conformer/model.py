@@ -463,9 +463,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         if kernel is None or mask.positions is None or pos_emb.shape[0] != 1 or torch.is_grad_enabled() \
                 or any(x.dtype != torch.bfloat16 or not x.is_cpu for x in (q_u, q_v, k, v, mask.bias)) \
                 or k.stride() != v.stride() or k.stride(-1) != 1 or d % 2 or d > 256 \
-                or s * -(-d // 16) * 16 > 32768 or t * -(-s // 16) * 16 > 16384:
+                or s * -(-d // 16) * 16 > 32768 or t * -(-s // 16) * 16 > 16384 \
+                or mask.bias.shape != (b, 1, t, s) or mask.positions.shape != (b, 1, t, s):
             return None
         p = self.project_positions(pos_emb, "p_dk")  # [H, P, d_k]
+        if p.dtype != torch.bfloat16:
+            return None
         q_u, q_v, bias = q_u.contiguous(), q_v.contiguous(), mask.bias.contiguous()
         out = torch.empty(b, t, h, d, dtype=torch.bfloat16)
         if kernel(b, h, t, s, d, p.shape[1], q_u.data_ptr(), q_v.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0),
