@@ -213,24 +213,6 @@ def test_depthwise_norm_swish_kernel_equals_torch(channels, bias):
 
 
 @needs_bf16
-@pytest.mark.parametrize("streams,frames,width", [(5, 7, 84), (2, 5, 21)])
-def test_ring_position_bias_kernel_equals_torch(streams, frames, width):
-    """The bf16 attention's positional bias over keys in ring order: bit-equal to torch's gather and add."""
-    from chorus.asr.conformer.model import AttentionMask, _rel_shift_index, _ring_position_bias
-    torch.manual_seed(width)
-    heads, positions_len = 4, 2 * width - 1
-    scores = torch.randn(heads, streams * frames, positions_len).bfloat16()
-    scores = scores.view(heads, streams, frames, positions_len).transpose(0, 1)   # as position_scores makes it
-    key_index = torch.stack([torch.randperm(width) for _ in range(streams)])
-    positions = _rel_shift_index(frames, width, "cpu")[:, key_index].transpose(0, 1).unsqueeze(1)
-    mask = AttentionMask.of(torch.rand(streams, frames, width) < 0.2, torch.bfloat16, positions)
-    with torch.no_grad():
-        got = _ring_position_bias(scores, mask, 0.125)
-    want = torch.add(mask.bias, scores.gather(-1, positions.expand(streams, heads, frames, width)), alpha=0.125)
-    assert got is not None and torch.equal(got, want)
-
-
-@needs_bf16
 @pytest.mark.parametrize("streams,heads,frames,keys,width", [(5, 4, 7, 77, 64), (3, 2, 3, 19, 18), (2, 3, 1, 1, 2)])
 def test_ring_attention_kernel_equals_nemos_formula(streams, heads, frames, keys, width):
     """The bf16 attention over keys read where they lie in a ring pool (strided views), positional term included:

@@ -341,44 +341,6 @@ BF16_TARGET int bf16_depthwise_norm_silu(int B, int T, int K, int C, const uint1
   return 0;
 }
 
-/* ---- the attention's positional bias over a ring of keys, bf16 path -----------------------------------------
- * out[b][h][t][s] = bf16(mask[b][t][s] + scale * scores[h][b*T + t][pos[b][t][s]]): each query-key pair's
- * relative-position score picked out of the scores against every relative position (keys lie in ring order, so
- * each stream has its own picks), scaled and added to the additive mask, as torch's gather and add with alpha
- * compute it (in fp32, one rounding), in one pass instead of three.  pos must lie in [0, P).  Rows are
- * independent. */
-BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint16_t* scores, const int32_t* pos,
-                                   const uint16_t* mask, float scale, uint16_t* out) {
-  if (B < 1 || H < 1 || T < 1 || S < 1 || P < 1) return -1;
-  const __m512 sc = _mm512_set1_ps(scale);
-  const __m512i low16 = _mm512_set1_epi32(0xFFFF), two = _mm512_set1_epi32(2), aligned = _mm512_set1_epi32(~3);
-  /* bf16 picks as aligned 32-bit words from a 4-byte aligned base, the wanted half shifted down: an aligned
-   * word never crosses a page, so the one at the scores' end is safe to read even where it holds 2 bytes past it */
-  const char* base = (const char*)((uintptr_t)scores & ~(uintptr_t)3);
-  if ((const char*)(scores + (size_t)H * B * T * P) - base > 0x7FFFFFFF) return -1;
-  for (int b = 0; b < B; b++)
-    for (int h = 0; h < H; h++)
-      for (int t = 0; t < T; t++) {
-        const int row = (int)((const char*)(scores + ((size_t)h * B * T + (size_t)b * T + t) * P) - base);
-        const int32_t* p = pos + ((size_t)b * T + t) * S;
-        const uint16_t* m = mask + ((size_t)b * T + t) * S;
-        uint16_t* o = out + (((size_t)b * H + h) * T + t) * S;
-        const __m512i row_v = _mm512_set1_epi32(row);
-        for (int s = 0; s < S; s += 16) {
-          const __mmask16 k = tail_mask(S - s);
-          const __m512i byte = _mm512_add_epi32(row_v, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, p + s), two));
-          const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k,
-                                                          _mm512_and_si512(byte, aligned), base, 1);
-          const __m512i shift = _mm512_slli_epi32(_mm512_and_si512(byte, two), 3);  /* 0 or 16 bits */
-          const __m512i half = _mm512_and_si512(_mm512_srlv_epi32(raw, shift), low16);
-          const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
-          const __m512 mk = bf16x16_to_fp32(_mm256_maskz_loadu_epi16(k, m + s));
-          _mm256_mask_storeu_epi16(o + s, k, (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(v, sc, mk)));
-        }
-      }
-  return 0;
-}
-
 /* ---- attention over a ring of keys, bf16 path ---------------------------------------------------------------
  * NeMo's relative-position attention for each stream b, head h and query t over the S keys of a ring:
  *   a_s = scale ((q_u . k_s) + (q_v . p[pos[b][t][s]])) + mask[b][t][s],  w_s = e^(a_s - max a) / sum e^(a - max a),
@@ -390,8 +352,7 @@ BF16_TARGET int bf16_position_bias(int B, int H, int T, int S, int P, const uint
  * score, the softmax and the weighted sum of v run in fp32, and only the output is rounded.  Through torch this
  * was a product of every query with every relative position, a gather of the pairs' positional scores, the mask
  * add (each rounded to bf16) and the fused attention, which alone took ~1.4 ms a layer at 16 streams on these
- * 7-query rows.  D even, D <= 256, S * D <= 32768 (D rounded up to 16), T * S <= 16384 (S rounded up to 16).
- * Rows are independent: batched equals alone, bit for bit. */
+ * 7-query rows.  D even.  Rows are independent: batched equals alone, bit for bit. */
 /* sum_i of each of 16 registers, as one register (lane i: the sum of v[i]): the 16 horizontal sums in 45
  * shuffles and adds instead of ~130, pairing registers across 256-bit halves, 128-bit quarters, then lanes. */
 BF16_TARGET static inline __m512 sum_each16(const __m512 v[16]) {
@@ -441,18 +402,19 @@ BF16_TARGET int bf16_ring_attention(int B, int H, int T, int S, int D, int P, co
                                     const uint16_t* q_v, const uint16_t* k, const uint16_t* v, int64_t batch_stride,
                                     int64_t row_stride, const uint16_t* p, const int32_t* pos, const uint16_t* mask,
                                     float scale, uint16_t* out) {
-  const int as = (S + 15) & ~15, chunks = (D + 15) / 16, dp = chunks * 16;
-  if (B < 1 || H < 1 || T < 1 || S < 1 || P < 1 || D < 2 || (D & 1) || D > 256 || S * dp > 32768 || T * as > 16384)
-    return -1;
+  if (B < 1 || H < 1 || T < 1 || S < 1 || P < 1 || D < 2 || (D & 1)) return -1;
   for (size_t i = 0; i < (size_t)B * T * S; i++)
     if (pos[i] < 0 || pos[i] >= P) return -1;
-  float a[16384] __attribute__((aligned(64)));           /* scores, then weights, [T][as] */
-  float vf[32768] __attribute__((aligned(64)));          /* one head's values in fp32, [S][dp] */
-  /* A stream's keys and values by head, [H][S][D] each: copied out of the ring row by row, so that the
-   * window is read in order (each ring row holds every head's key and value; read head by head, the rows,
-   * kilobytes apart, all fell in one set of the L1 cache and missed the prefetchers). */
-  uint16_t* kc = malloc((size_t)2 * H * S * D * sizeof(uint16_t));
-  if (!kc) return -1;
+  const int as = (S + 15) & ~15, dp = (D + 15) & ~15;
+  /* One workspace: the scores, then weights, [T][as]; one head's values in fp32, [S][dp]; and a stream's keys
+   * and values by head, [H][S][D] each, copied out of the ring row by row, so that the window is read in order
+   * (each ring row holds every head's key and value; read head by head, the rows, kilobytes apart, all fell in
+   * one set of the L1 cache and missed the prefetchers). */
+  const size_t floats = (size_t)T * as + (size_t)S * dp, halves = (size_t)2 * H * S * D;
+  float* a = aligned_alloc(64, (floats * sizeof(float) + halves * sizeof(uint16_t) + 63) & ~(size_t)63);
+  if (!a) return -1;
+  float* vf = a + (size_t)T * as;
+  uint16_t* kc = (uint16_t*)(vf + (size_t)S * dp);
   uint16_t* vc = kc + (size_t)H * S * D;
   const __m512 sc = _mm512_set1_ps(scale);
   for (int b = 0; b < B; b++) {
@@ -524,7 +486,7 @@ BF16_TARGET int bf16_ring_attention(int B, int H, int T, int S, int D, int P, co
       }
     }
   }
-  free(kc);
+  free(a);
   return 0;
 }
 

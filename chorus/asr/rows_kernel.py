@@ -13,13 +13,12 @@ with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 
-The same library holds six per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16
+The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16
 kernel is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first
 convolution with its bias, ReLU and cast ("conv_taps_relu"), the convolution module's depthwise convolution with
-its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention's positional bias over a
-ring of keys ("position_bias", where the next is not taken) and the whole attention over that ring, positional
-term included ("ring_attention"), and the RNNT
-predictor's LSTM cell for the streams that emitted a label ("lstm_cell", used by heads.py).
+its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
+positional term ("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label
+("lstm_cell", used by heads.py).
 """
 from __future__ import annotations
 
@@ -50,7 +49,6 @@ _FUSED = {
     "add_layer_norm": ("bf16_add_layer_norm", [_INT, _INT, _PTR, _PTR, _FLOAT, _PTR, _PTR, _PTR, _FLOAT, _PTR, _INT]),
     "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4),
     "depthwise_norm_silu": ("bf16_depthwise_norm_silu", [_INT] * 4 + [_PTR] * 5 + [_FLOAT, _PTR]),
-    "position_bias": ("bf16_position_bias", [_INT] * 5 + [_PTR] * 3 + [_FLOAT, _PTR]),
     "lstm_cell": ("lstm_cell_emitting", [_INT] * 3 + [_PTR] * 7),
     "ring_attention": ("bf16_ring_attention", [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int64] * 2 + [_PTR] * 3
                        + [_FLOAT, _PTR]),

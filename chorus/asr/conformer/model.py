@@ -433,16 +433,14 @@ class RelPositionMultiHeadAttention(nn.Module):
         if out is not None:
             return linear(self.linear_out, _zero_where(out.view(b, t, self.h * self.d_k), mask.rows_hidden))
         scores = self.position_scores(q_v, pos_emb)
-        bias = _ring_position_bias(scores, mask, 1.0 / self.s_d_k)  # bf16 on CPU: one kernel pass
         k = k.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         v = v.reshape(b, s, self.h, self.d_k).transpose(1, 2)
         q_u = q_u.transpose(1, 2)
-        if bias is None:
-            if mask.positions is None:  # keys in time order
-                matrix_bd = self.rel_shift(scores)[..., :s]
-            else:  # keys in the order of a ring (streaming): each key's relative position picked out
-                matrix_bd = scores.gather(-1, mask.positions.expand(b, self.h, t, s))
-            bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
+        if mask.positions is None:  # keys in time order
+            matrix_bd = self.rel_shift(scores)[..., :s]
+        else:  # keys in the order of a ring (streaming): each key's relative position picked out
+            matrix_bd = scores.gather(-1, mask.positions.expand(b, self.h, t, s))
+        bias = torch.add(mask.bias, matrix_bd, alpha=1.0 / self.s_d_k)
         # The fused kernel reads k and v as strided views of the ring window: no per-head copies.
         out = F.scaled_dot_product_attention(q_u, k, v, attn_mask=bias,
                                              dropout_p=self.dropout.p if self.training else 0.0,
@@ -462,8 +460,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         s = k.shape[1]
         if kernel is None or mask.positions is None or pos_emb.shape[0] != 1 or torch.is_grad_enabled() \
                 or any(x.dtype != torch.bfloat16 or not x.is_cpu for x in (q_u, q_v, k, v, mask.bias)) \
-                or k.stride() != v.stride() or k.stride(-1) != 1 or d % 2 or d > 256 \
-                or s * -(-d // 16) * 16 > 32768 or t * -(-s // 16) * 16 > 16384 \
+                or k.stride() != v.stride() or k.stride(-1) != 1 or d % 2 \
                 or mask.bias.shape != (b, 1, t, s) or mask.positions.shape != (b, 1, t, s):
             return None
         p = self.project_positions(pos_emb, "p_dk")  # [H, P, d_k]
@@ -490,25 +487,6 @@ class RelPositionMultiHeadAttention(nn.Module):
         p = self.project_positions(pos_emb, "dk_p")                                       # [H, d_k, P]
         scores = torch.matmul(q_v.permute(2, 0, 1, 3).reshape(self.h, b * t, self.d_k), p)  # [H, B*T, P]
         return scores.view(self.h, b, t, -1).transpose(0, 1)
-
-
-def _ring_position_bias(scores: torch.Tensor, mask: "AttentionMask", scale: float) -> torch.Tensor | None:
-    """mask.bias + scale * (each pair's positional score) in one pass of chorus' kernel, for bf16 scores over
-    a ring of keys (streaming on CPU); None where torch's gather and add are taken instead."""
-    kernel = rows_kernel.fused("position_bias")
-    if kernel is None or mask.positions is None or scores.dtype != torch.bfloat16 or not scores.is_cpu \
-            or mask.bias.dtype != torch.bfloat16 or torch.is_grad_enabled():
-        return None
-    b, h, t, p = scores.shape
-    s = mask.positions.shape[-1]
-    whole = scores.transpose(0, 1)  # position_scores' [H, B*T, P] product, viewed back
-    if not whole.is_contiguous() or not mask.bias.is_contiguous():
-        return None
-    out = torch.empty(b, h, t, s, dtype=torch.bfloat16)
-    if kernel(b, h, t, s, p, whole.data_ptr(), mask.positions_int32().data_ptr(), mask.bias.data_ptr(), scale,
-              out.data_ptr()):
-        raise ValueError(f"position_bias kernel rejected scores {tuple(scores.shape)}")
-    return out
 
 
 @dataclass

@@ -10,11 +10,12 @@
   bf16 would round to 3 significant digits) and hands bf16 on, through chorus' kernel for its product, bias,
   ReLU and cast.  The convolution module's depthwise convolution and its norm keep fp32 weights too, and run
   with the Swish after them as one kernel pass over the bf16 window (`depthwise.depthwise_norm_silu`), rounding
-  once at the end.  The attention over the K/V ring (scores with the positional bias, softmax, the weighted sum of
-  the values) is one kernel pass per layer in fp32 sums, rounding once (`model._ring_attention`); torch's fused
-  attention took ~15 % of a 16-stream step on an AMD EPYC without AMX.  The layers' output (and the output projection, where there is one) is fp32, so the encoder
-  output the decoders read is not rounded to bf16.  The trained model's encoder output is 0.84 % (RMS) from
-  fp32's; 1.06 % with the residual and norms in bf16, and 1.80 % when the first convolution's weights were cast
+  once at the end.  The attention over the K/V ring (the content and positional scores, softmax, the weighted sum
+  of the values) is one kernel pass per layer in fp32 sums, rounding once (`_ring_attention`); torch's fused
+  attention took ~15 % of a 16-stream step on an AMD EPYC without AMX.  The layers' output (and the output
+  projection, where there is one) is fp32, so the encoder output the decoders read is not rounded to bf16.  The
+  trained model's encoder output is 0.64 % (RMS) from fp32's; 0.84 % with torch's attention, 1.06 % with the
+  residual and norms in bf16 too, and 1.80 % when the first convolution's weights were cast
   to bf16 and back (until 2026-12-03).  The RNNT products that a label step repeats (the predictor LSTM's and
   the joint's encoder and predictor projections, 8 of the ~11 MB of weights a label step reads at the real size)
   run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy loop x1.13 / x1.64 faster at 16 / 64
