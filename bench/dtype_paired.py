@@ -1,6 +1,6 @@
 """Per-utterance comparison of a FastConformer's fp32 and another compute dtype on a manifest.
 
-    python bench/dtype_paired.py MANIFEST [--dtype bf16] [--model fastconformer] [--lookahead-ms 480]
+    python bench/dtype_paired.py MANIFEST [--dtype bf16] [--kv-dtype int8] [--model fastconformer] [--lookahead-ms 480]
     python bench/dtype_paired.py flite-awb [--dtype bf16]
     python bench/dtype_paired.py flite-awb-docs [--sentences 200] [--dtype bf16]
 
@@ -16,7 +16,12 @@ Streams every file of the manifest through fp32 and through --dtype (the live pa
 greedy RNNT, greedy CTC and beam 8 (+ the model's LM), and prints each WER, then per utterance: how many had
 more word errors in --dtype than in fp32 and how many fewer.  A two-sided sign test on those says whether the
 WER difference could be chance: on a set of short utterances a change of a few words is often not
-distinguishable from zero.
+distinguishable from zero.  `--kv-dtype int8` compares the K/V state in int8 instead (with `--dtype fp32`, fp32
+compute against fp32 compute); `--show-changes` lists the utterances whose errors changed.
+
+The bundled model's own held-out test sets (the recipe's 300 sentences in the voices mb-us2 and awb, and FSDD
+nicolas) are made by `recipes/default_asr/make_corpus.py --test-only` (~3 minutes; needs espeak-ng, the mbrola-us2
+voice and flite, and the recipe's Debian text packages); their manifests go straight in here.
 """
 from __future__ import annotations
 
@@ -86,10 +91,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("manifest", help="a chorus eval manifest, or flite-awb, or flite-awb-docs")
     ap.add_argument("--sentences", type=int, default=200, help="flite-awb-docs: how many sentences")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "int8"])
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "int8"])
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                    help="the compared run's K/V state (int8: KIVI's layout, `--kv-dtype int8`)")
     ap.add_argument("--model", default="fastconformer")
     ap.add_argument("--lookahead-ms", type=int, default=480)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--show-changes", action="store_true",
+                    help="print the reference and both hypotheses of each utterance whose errors changed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -101,23 +110,31 @@ def main() -> None:
     rows = read_manifest(manifest)
     files = [r["audio_filepath"] for r in rows]
     refs = [normalize_for_scoring(r["text"]) for r in rows]
+    variant = args.dtype + ("" if args.kv_dtype == "auto" else f"+kv-{args.kv_dtype}")
+    if variant == "fp32":
+        ap.error("compare fp32 with another --dtype or with --kv-dtype int8")
     hyps = {}
-    for dtype in ("fp32", args.dtype):
-        engine = load_model(args.model, "cpu", dtype=dtype).make_engine(slots=8)
+    for name, dtype, kv_dtype in (("fp32", "fp32", "auto"), (variant, args.dtype, args.kv_dtype)):
+        engine = load_model(args.model, "cpu", dtype=dtype, kv_dtype=kv_dtype).make_engine(slots=8)
         for decoder, beam in DECODINGS:
             request = StreamRequest(lookahead_ms=args.lookahead_ms, decoder=decoder, beam_size=beam)
-            hyps[dtype, decoder, beam] = [normalize_for_scoring(r.text)
-                                          for r in transcribe_files(engine, files, request, concurrency=8)]
-    print(f"{args.manifest}: {len(rows)} utterances, {args.lookahead_ms} ms, fp32 against {args.dtype}")
+            hyps[name, decoder, beam] = [normalize_for_scoring(r.text)
+                                         for r in transcribe_files(engine, files, request, concurrency=8)]
+    print(f"{args.manifest}: {len(rows)} utterances, {args.lookahead_ms} ms, fp32 against {variant}")
     words = sum(len(r.split()) for r in refs)
     for decoder, beam in DECODINGS:
-        errors = {d: [word_errors(r, h) for r, h in zip(refs, hyps[d, decoder, beam])] for d in ("fp32", args.dtype)}
+        errors = {d: [word_errors(r, h) for r, h in zip(refs, hyps[d, decoder, beam])] for d in ("fp32", variant)}
         wer = {d: 100 * sum(e) / words for d, e in errors.items()}
-        worse = sum(b > a for a, b in zip(errors["fp32"], errors[args.dtype]))
-        better = sum(b < a for a, b in zip(errors["fp32"], errors[args.dtype]))
-        print(f"{decoder} beam {beam}: WER fp32 {wer['fp32']:.2f} %, {args.dtype} {wer[args.dtype]:.2f} % "
-              f"({wer[args.dtype] - wer['fp32']:+.2f} points); utterances with more errors in {args.dtype} {worse}, "
+        worse = sum(b > a for a, b in zip(errors["fp32"], errors[variant]))
+        better = sum(b < a for a, b in zip(errors["fp32"], errors[variant]))
+        print(f"{decoder} beam {beam}: WER fp32 {wer['fp32']:.2f} %, {variant} {wer[variant]:.2f} % "
+              f"({wer[variant] - wer['fp32']:+.2f} points); utterances with more errors in {variant} {worse}, "
               f"fewer {better}; sign test p = {sign_test(worse, better):.2f}", flush=True)
+        if args.show_changes:
+            for i, (a, b) in enumerate(zip(errors["fp32"], errors[variant])):
+                if a != b:
+                    print(f"  {files[i]}: {a} -> {b} errors\n    ref:  {refs[i]}\n    fp32: "
+                          f"{hyps['fp32', decoder, beam][i]}\n    {variant}: {hyps[variant, decoder, beam][i]}")
 
 
 if __name__ == "__main__":

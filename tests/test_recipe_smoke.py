@@ -32,6 +32,14 @@ def test_recipe_smoke(tmp_path):
     assert digits and all(set(r["text"].split()) <= digit_words for r in digits)
     held_out = set(json.loads((corpus / "voices.json").read_text())["held_out"].values())
     assert not held_out & {r["voice"] for r in train}
+    # --test-only makes the same test splits and nothing else (for measuring a model without its corpus)
+    tests_only = tmp_path / "tests_only"
+    subprocess.run([sys.executable, str(RECIPE / "make_corpus.py"), "--smoke", "--test-only", "--out",
+                    str(tests_only), "--workers", "1"], check=True, timeout=600, capture_output=True)
+    made = sorted(p.name for p in tests_only.glob("*.json") if p.name.startswith(("test_", "train", "dev")))
+    assert made == sorted(p.name for p in corpus.glob("test_*.json"))
+    for name in made:
+        assert (tests_only / name).read_text() == (corpus / name).read_text()
     model_path = work / "model.nemo"
     first = subprocess.run([sys.executable, str(RECIPE / "train.py"), "--smoke", "--corpus", str(corpus),
                             "--work", str(work), "--export", str(model_path)],

@@ -2,6 +2,7 @@
 
     python recipes/default_asr/make_corpus.py --hours 40 --workers 2          # full build (hours of train audio)
     python recipes/default_asr/make_corpus.py --smoke                          # a few clips per split, seconds
+    python recipes/default_asr/make_corpus.py --test-only                      # the held-out test sets only
 
 Output (default ``recipes/default_asr/work/corpus``, git-ignored; ``--smoke`` defaults to ``work/corpus_smoke``):
 
@@ -288,13 +289,16 @@ def default_fsdd_dir() -> Path:
     return REPO.parent / "shared" / "data" / "fsdd"
 
 
-def build_fsdd(fsdd_dir: Path, out: Path, smoke: bool) -> dict[str, list[dict]]:
-    """FSDD recordings, 8 kHz -> 16 kHz FLAC: {"train": [...], "dev": [...], "test_fsdd_nicolas": [...]}."""
+def build_fsdd(fsdd_dir: Path, out: Path, smoke: bool, test_only: bool = False) -> dict[str, list[dict]]:
+    """FSDD recordings, 8 kHz -> 16 kHz FLAC: {"train": [...], "dev": [...], "test_fsdd_nicolas": [...]}
+    (the test speaker's only with `test_only`)."""
     result: dict[str, list[dict]] = {"train": [], "dev": [], f"test_fsdd_{FSDD_TEST_SPEAKER}": []}
     if not fsdd_dir.is_dir():
         log(f"note: FSDD not found at {fsdd_dir}; skipping the FSDD splits")
         return result
     files = sorted(fsdd_dir.glob("*.wav"))
+    if test_only:
+        files = [f for f in files if f"_{FSDD_TEST_SPEAKER}_" in f.name]
     if smoke:
         files = [f for f in files if int(f.stem.split("_")[2]) in (0, 5) and int(f.stem.split("_")[0]) < 2]
     bar = progress(len(files), "fsdd")
@@ -423,6 +427,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a handful of utterances per split, for CI")
+    ap.add_argument("--test-only", action="store_true",
+                    help="only the test splits (the held-out voices' sentences and FSDD nicolas), the same clips a "
+                         "full build makes: for measuring a model without building its training corpus")
     ap.add_argument("--max-sentence-words", type=int, default=text_sources.MAX_WORDS)
     ap.add_argument("--dev-sentences", type=int, default=300)
     ap.add_argument("--test-sentences", type=int, default=300)
@@ -442,6 +449,8 @@ def main(argv=None) -> int:
 
     # voices: check every voice, keep those that work
     catalogue = voicelib.all_voices()
+    if args.test_only:  # the training voices are neither checked nor used
+        catalogue = [v for v in catalogue if v.held_out]
     ok, failed_voices = voicelib.check_voices(catalogue, workers=max(1, args.workers))
     train_voices = voicelib.training_voices(ok)
     tests = voicelib.test_voices(ok)
@@ -451,7 +460,7 @@ def main(argv=None) -> int:
     for key, pair in voicelib.HELD_OUT.items():
         if key not in tests:
             log(f"WARNING: held-out test voice {pair} does not work; its test split is skipped")
-    weights = voicelib.voice_weights(train_voices)
+    weights = voicelib.voice_weights(train_voices) if train_voices else np.zeros(0)
     log(f"voices: {len(ok)}/{len(catalogue)} work; {len(train_voices)} for train/dev; "
         f"held out for test: {', '.join(v.name for v in tests.values())}")
     with open(out / "voices.json", "w") as f:
@@ -477,21 +486,24 @@ def main(argv=None) -> int:
             split = TEST_VOICE_SPLITS[key]
             jobs = [make_job(out, split, i, s, [voice.name], None, args.seed) for i, s in enumerate(test_s)]
             splits[split] = run_fixed_split(runner, jobs, split, failures)
-        jobs = [make_job(out, "dev", i, s, names, weights, args.seed) for i, s in enumerate(dev_s)]
-        splits["dev"] = run_fixed_split(runner, jobs, "dev", failures)
-        t_train = time.time()
-        splits["train"] = run_train(runner, out, train_s, names, weights, args.seed, args.hours * 3600,
-                                    8 if args.smoke else None, failures)
-        train_wall = time.time() - t_train
-        digits = digit_sentences(4 if args.smoke else args.digit_clips, args.seed)
-        jobs = [make_job(out, "train_digits", i, s, names, weights, args.seed) for i, s in enumerate(digits)]
-        splits["train"] += run_fixed_split(runner, jobs, "train digits", failures)
+        train_wall = 0.0
+        if not args.test_only:
+            jobs = [make_job(out, "dev", i, s, names, weights, args.seed) for i, s in enumerate(dev_s)]
+            splits["dev"] = run_fixed_split(runner, jobs, "dev", failures)
+            t_train = time.time()
+            splits["train"] = run_train(runner, out, train_s, names, weights, args.seed, args.hours * 3600,
+                                        8 if args.smoke else None, failures)
+            train_wall = time.time() - t_train
+            digits = digit_sentences(4 if args.smoke else args.digit_clips, args.seed)
+            jobs = [make_job(out, "train_digits", i, s, names, weights, args.seed) for i, s in enumerate(digits)]
+            splits["train"] += run_fixed_split(runner, jobs, "train digits", failures)
     finally:
         runner.close()
 
-    fsdd = build_fsdd(fsdd_dir, out, args.smoke)
-    splits["train"] += fsdd["train"]
-    splits["dev"] += fsdd["dev"]
+    fsdd = build_fsdd(fsdd_dir, out, args.smoke, args.test_only)
+    if not args.test_only:
+        splits["train"] += fsdd["train"]
+        splits["dev"] += fsdd["dev"]
     for k, v in fsdd.items():
         if k.startswith("test_") and v:
             splits[k] = v
@@ -512,7 +524,7 @@ def main(argv=None) -> int:
     print_summary(summary)
     checks = {split: sanity_check(out, recs, split, n=50 if args.smoke else 300, seed=args.seed)
               for split, recs in splits.items()}
-    synth_s = sum(r["duration"] for r in splits["train"] if r.get("source") != "fsdd")
+    synth_s = sum(r["duration"] for r in splits.get("train", []) if r.get("source") != "fsdd")
     info = {"args": {k: str(v) for k, v in vars(args).items()}, "splits": summary, "checks": checks,
             "failures": len(failures), "wall_s": round(time.time() - t_start, 1),
             "train_wall_s": round(train_wall, 1), "train_synth_audio_s": round(synth_s, 1)}
