@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--show-changes", action="store_true",
                     help="print the reference and both hypotheses of each utterance whose errors changed")
     args = ap.parse_args()
+    variant = args.dtype + ("" if args.kv_dtype == "auto" else f"+kv-{args.kv_dtype}")
+    if variant == "fp32":
+        ap.error("compare fp32 with another --dtype or with --kv-dtype int8")
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     if args.manifest in ("flite-awb", "flite-awb-docs"):
@@ -110,9 +113,6 @@ def main() -> None:
     rows = read_manifest(manifest)
     files = [r["audio_filepath"] for r in rows]
     refs = [normalize_for_scoring(r["text"]) for r in rows]
-    variant = args.dtype + ("" if args.kv_dtype == "auto" else f"+kv-{args.kv_dtype}")
-    if variant == "fp32":
-        ap.error("compare fp32 with another --dtype or with --kv-dtype int8")
     hyps = {}
     for name, dtype, kv_dtype in (("fp32", "fp32", "auto"), (variant, args.dtype, args.kv_dtype)):
         engine = load_model(args.model, "cpu", dtype=dtype, kv_dtype=kv_dtype).make_engine(slots=8)
