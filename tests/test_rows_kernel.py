@@ -170,21 +170,25 @@ def test_bf16_products_of_one_stream_take_it_and_silu_stays_right():
 
 
 @needs_bf16
-@pytest.mark.parametrize("channels", [256, 48])   # 48: fewer than 8 blocks of 16 channels
-def test_first_convolution_kernel_equals_torch(channels):
-    """The bf16 path's first subsampling convolution (product, bias, ReLU, cast in one pass) against torch's
-    convolution: within one bf16 rounding, and a stream's output independent of the batch."""
+@pytest.mark.parametrize("channels,out_dtype", [(256, torch.bfloat16), (48, torch.bfloat16), (256, torch.float32)])
+def test_first_convolution_kernel_equals_torch(channels, out_dtype):
+    """The bf16 path's first subsampling convolution (product, bias, ReLU and cast in one pass; 48 channels:
+    fewer than 8 blocks of 16) against torch's convolution: within one bf16 rounding, or fp32's own rounding for
+    the fp32 output a depthwise convolution in fp32 reads, and a stream's output independent of the batch."""
     from chorus.asr.conformer.model import CausalConv2D, _first_conv_relu
     torch.manual_seed(channels)
     conv = CausalConv2D(1, channels, 3, 2).eval()
     x = torch.randn(5, 1, 33, 80).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert rows_kernel.fused("conv_taps_relu") is not None
-        got = _first_conv_relu(x, conv, torch.bfloat16)
+        got = _first_conv_relu(x, conv, out_dtype, bf16_path=True)
         want = torch.relu(F.conv2d(x, conv.weight, conv.bias, stride=2, padding=2))[:, :, :got.shape[2], :got.shape[3]]
-        alone = _first_conv_relu(x[3:4].contiguous(memory_format=torch.channels_last), conv, torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-6)
+        alone = _first_conv_relu(x[3:4].contiguous(memory_format=torch.channels_last), conv, out_dtype, True)
+        torch_path = _first_conv_relu(x, conv, out_dtype)  # the fp32 path's: torch's sums
+    assert got.dtype == out_dtype and got.shape == want.shape
+    tolerance = dict(rtol=2 ** -8, atol=1e-6) if out_dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.float(), want, **tolerance)
+    assert torch.allclose(torch_path.float(), want, **tolerance)
     assert (got == 0).sum() > 0.3 * got.numel()   # the ReLU ran
     assert torch.equal(alone[0], got[3])
 

@@ -234,34 +234,40 @@ BF16_TARGET int bf16_add_layer_norm(int M, int D, const float* res_in, const uin
 }
 
 /* ---- the subsampling's first convolution, for the bf16 compute path ---------------------------------------
- * out[r] = bf16(relu(b + sum_k p[r][k] w[k])) for R rows of K taps (the 3x3 windows of the log-mel) and N
- * output channels (N a multiple of 16): the convolution's product, bias, ReLU and cast in one pass
- * per row, in registers.  Its output is the largest tensor of a step; through torch it was written four times
- * (the bias broadcast into it, the product, the ReLU, the cast).  A row's sums go in k order: batched equals
- * alone, bit for bit. */
+ * out[r] = relu(b + sum_k p[r][k] w[k]) for R rows of K taps (the 3x3 windows of the log-mel) and N output
+ * channels (N a multiple of 16), stored as bf16, or as fp32 with `f32_out` (for a depthwise convolution after it
+ * that computes in fp32): the convolution's product, bias, ReLU and cast in one pass per row, in registers.  Its
+ * output is the largest tensor of a step; through torch it was written four times (the bias broadcast into it,
+ * the product, the ReLU, the cast).  A row's sums go in k order: batched equals alone, bit for bit. */
 BF16_TARGET static inline __attribute__((always_inline)) void conv_taps_block(
-    const int nb, int K, int N, const float* pr, const float* w, const float* b, uint16_t* o) {
+    const int nb, int K, int N, const float* pr, const float* w, const float* b, void* o, int f32_out) {
   __m512 s[8];
   for (int i = 0; i < nb; i++) s[i] = b ? _mm512_loadu_ps(b + i * 16) : _mm512_setzero_ps();
   for (int k = 0; k < K; k++) {
     const __m512 x = _mm512_set1_ps(pr[k]);
     for (int i = 0; i < nb; i++) s[i] = _mm512_fmadd_ps(x, _mm512_loadu_ps(w + (size_t)k * N + i * 16), s[i]);
   }
-  for (int i = 0; i < nb; i++)
-    _mm256_storeu_si256((__m256i*)(o + i * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_max_ps(s[i], _mm512_setzero_ps())));
+  for (int i = 0; i < nb; i++) {
+    const __m512 y = _mm512_max_ps(s[i], _mm512_setzero_ps());
+    if (f32_out)
+      _mm512_storeu_ps((float*)o + i * 16, y);
+    else
+      _mm256_storeu_si256((__m256i*)((uint16_t*)o + i * 16), (__m256i)_mm512_cvtneps_pbh(y));
+  }
 }
 
 BF16_TARGET int bf16_conv_taps_relu(int R, int K, int N, const float* p, const float* w, const float* b,
-                                    uint16_t* out) {
+                                    void* out, int f32_out) {
   if (R < 1 || K < 1 || N < 16 || (N & 15)) return -1;
   const int blocks = N / 16;
+  const size_t item = f32_out ? 4 : 2;
   for (int r = 0; r < R; r++) {
     const float* pr = p + (size_t)r * K;
     for (int c = 0; c < blocks; c += 8) {  /* 8 blocks of 16 channels: 8 registers of sums */
       const float* bc = b ? b + c * 16 : NULL;
-      uint16_t* o = out + (size_t)r * N + c * 16;
+      void* o = (char*)out + ((size_t)r * N + c * 16) * item;
       switch (blocks - c < 8 ? blocks - c : 8) {
-#define CASE(n) case n: conv_taps_block(n, K, N, pr, w + c * 16, bc, o); break;
+#define CASE(n) case n: conv_taps_block(n, K, N, pr, w + c * 16, bc, o, f32_out); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
       }

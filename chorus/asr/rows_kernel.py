@@ -15,8 +15,8 @@ CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are o
 
 The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16
 kernel is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first
-convolution with its bias, ReLU and cast ("conv_taps_relu"), the convolution module's depthwise convolution with
-its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
+convolution with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the convolution module's depthwise
+convolution with its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
 positional term ("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label
 ("lstm_cell", used by heads.py).
 """
@@ -47,7 +47,7 @@ _INT, _PTR, _FLOAT = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 # The bf16 path's per-row kernels in rows_kernel.c: key -> (C function, its argument types).
 _FUSED = {
     "add_layer_norm": ("bf16_add_layer_norm", [_INT, _INT, _PTR, _PTR, _FLOAT, _PTR, _PTR, _PTR, _FLOAT, _PTR, _INT]),
-    "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4),
+    "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4 + [_INT]),
     "depthwise_norm_silu": ("bf16_depthwise_norm_silu", [_INT] * 4 + [_PTR] * 5 + [_FLOAT, _PTR]),
     "lstm_cell": ("lstm_cell_emitting", [_INT] * 3 + [_PTR] * 7),
     "ring_attention": ("bf16_ring_attention", [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int64] * 2 + [_PTR] * 3

@@ -205,6 +205,7 @@ class ConvSubsampling(nn.Module):
         # precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its pass.
         out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
         dtypes = [m.weight.dtype for m in self.conv if isinstance(m, nn.Conv2d)][1:] + [out_dtype]
+        bf16_path = torch.bfloat16 in dtypes  # chorus' kernel computes the first convolution for the bf16 path
         applied = -1  # the index of a ReLU the first convolution applied already
         for i, layer in enumerate(self.conv):
             if i == applied:
@@ -215,7 +216,7 @@ class ConvSubsampling(nn.Module):
                 lengths = causal_conv_length(lengths, 1)
                 valid_t, valid_f = causal_conv_length(valid_t, 1), causal_conv_length(valid_f, 1)
                 if layer.in_channels == 1 and i + 1 < len(self.conv) and isinstance(self.conv[i + 1], nn.ReLU):
-                    x, applied = _first_conv_relu(x, layer, dtypes.pop(0)), i + 1
+                    x, applied = _first_conv_relu(x, layer, dtypes.pop(0), bf16_path), i + 1
                     continue
                 x = _conv_channels_last(x, layer)
             elif isinstance(layer, nn.Conv2d):  # 1x1: a product over channels (Conv2d takes a slow path at batch 1)
@@ -257,16 +258,20 @@ def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 _FIRST_CONV_BLOCK_ROWS = 2048  # fp32 rows of 256 channels: 2 MB, one core's L2
 
 
-def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -> torch.Tensor:
+def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype, bf16_path: bool = False
+                     ) -> torch.Tensor:
     """relu(conv(x)) in `out_dtype` for the one-input-channel first convolution, channels-last out: what
     `_conv_channels_last` and the ReLU after it give, cast (ReLU commutes with rounding).  Its output is
     the largest tensor of a step (256 channels per mel bin: 90 MB fp32 at 64 streams), and written whole
     it went to memory and back four times (the bias copied in, the product added, the cast, the ReLU);
     here each block of streams is computed, rectified and cast while it is in cache, straight into the
-    output.  A block holds whole streams, so a stream's result does not depend on its batch."""
+    output.  A block holds whole streams, so a stream's result does not depend on its batch.  On the bf16
+    path (`bf16_path`) chorus' kernel does it in one pass, in bf16 or, for a convolution after it that computes
+    in fp32, in fp32; the fp32 path keeps torch's sums."""
     patches = _patches(x, conv)
     b, t, f = patches.shape[:3]
-    fused = rows_kernel.fused("conv_taps_relu") if out_dtype == torch.bfloat16 and x.is_cpu else None
+    fused = rows_kernel.fused("conv_taps_relu") if bf16_path and x.is_cpu and out_dtype in (
+        torch.bfloat16, torch.float32) else None
     if fused is not None and x.dtype == conv.weight.dtype == torch.float32 and conv.out_channels % 16 == 0 \
             and not torch.is_grad_enabled():
         # chorus' kernel: product, bias, ReLU and cast of each output row in registers (rows_kernel.c)
@@ -274,7 +279,8 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype) -
         w = conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous()
         out = torch.empty(b, t, f, conv.out_channels, dtype=out_dtype)
         if fused(taps.shape[0], taps.shape[1], conv.out_channels, taps.data_ptr(), w.data_ptr(),
-                 None if conv.bias is None else conv.bias.detach().contiguous().data_ptr(), out.data_ptr()):
+                 None if conv.bias is None else conv.bias.detach().contiguous().data_ptr(), out.data_ptr(),
+                 out_dtype == torch.float32):
             raise ValueError("conv_taps_relu kernel rejected its arguments")
         return out.permute(0, 3, 1, 2)
     w = conv.weight.view(conv.out_channels, -1).t()

@@ -7,16 +7,18 @@
   pass of chorus' kernel (`residual_norm.add_norm`), so this mix runs faster than the all-bf16 layer did, where
   in torch its mixed-dtype adds and casts had cost 4-17 % of a step (bench/README.md, "The fp32 residual stream
   and chorus' bf16 kernels").  The subsampling's first convolution stays fp32 (its input is the log-mel, which
-  bf16 would round to 3 significant digits) and hands bf16 on, through chorus' kernel for its product, bias,
-  ReLU and cast.  The convolution module's depthwise convolution and its norm keep fp32 weights too, and run
+  bf16 would round to 3 significant digits), and so does the depthwise convolution after it (`dw_striding`):
+  in bf16 it alone put the trained model's streamed encoder output 0.64 % (RMS) from fp32's instead of 0.50 %,
+  for ~1 % of a step.  The first convolution's product, bias and ReLU are one pass of chorus' kernel, which
+  hands fp32 to that depthwise convolution (bf16 after it).  The convolution module's depthwise convolution and its norm keep fp32 weights too, and run
   with the Swish after them as one kernel pass over the bf16 window (`depthwise.depthwise_norm_silu`), rounding
   once at the end.  The attention over the K/V ring (the content and positional scores, softmax, the weighted sum
   of the values) is one kernel pass per layer in fp32 sums, rounding once (`_ring_attention`); torch's fused
   attention took ~15 % of a 16-stream step on an AMD EPYC without AMX.  The layers' output (and the output
   projection, where there is one) is fp32, so the encoder output the decoders read is not rounded to bf16.  The
-  trained model's encoder output is 0.64 % (RMS) from fp32's; 0.84 % with torch's attention, 1.06 % with the
-  residual and norms in bf16 too, and 1.80 % when the first convolution's weights were cast
-  to bf16 and back (until 2026-12-03).  The RNNT products that a label step repeats (the predictor LSTM's and
+  trained model's encoder output is 0.50 % (RMS) from fp32's; 0.64 % with the subsampling's depthwise
+  convolution in bf16, 0.84 % with torch's attention too, 1.06 % with the residual and norms in bf16 too, and
+  1.80 % when the first convolution's weights were cast to bf16 and back (until 2026-12-03).  The RNNT products that a label step repeats (the predictor LSTM's and
   the joint's encoder and predictor projections, 8 of the ~11 MB of weights a label step reads at the real size)
   run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy loop x1.13 / x1.64 faster at 16 / 64
   streams, and no WER worse than with them in fp32 (bench/README.md, "bf16 RNNT products"); the loop's LSTM
@@ -53,7 +55,8 @@ def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
         enc = model.encoder
         fp32_parts = [getattr(layer, name) for layer in enc.layers for name in _RESIDUAL_NORMS]
         fp32_parts += [m for layer in enc.layers for m in (layer.conv.depthwise_conv, layer.conv.batch_norm)]
-        cast_to_bf16(enc, [enc.pre_encode.conv[0], *fp32_parts] + ([enc.out_proj] if enc.out_proj is not None else []))
+        fp32_parts += [enc.pre_encode.conv[0]] + _first_depthwise(enc.pre_encode.conv)
+        cast_to_bf16(enc, fp32_parts + ([enc.out_proj] if enc.out_proj is not None else []))
         for layer in enc.layers:
             layer.fp32_residual = True
         if model.decoder is not None:  # the RNNT products: LSTM and joint weights (heads.product)
@@ -63,6 +66,15 @@ def apply_dtype(model: FastConformerModel, dtype: str) -> FastConformerModel:
         quantize_encoder_int8(model.encoder)
     model.dtype_name = dtype
     return model
+
+
+def _first_depthwise(convs: nn.Sequential) -> list[nn.Module]:
+    """The subsampling's first depthwise convolution (`dw_striding`: the one after the first convolution), or
+    none (`striding` has full convolutions, which cost too much in fp32)."""
+    for conv in convs[1:]:
+        if isinstance(conv, nn.Conv2d):
+            return [conv] if conv.groups > 1 and conv.groups == conv.in_channels else []
+    return []
 
 
 @torch.no_grad()
