@@ -13,10 +13,10 @@ with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 
-The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16
-kernel is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first
-convolution with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the convolution module's depthwise
-convolution with its layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
+The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16 kernel
+is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first convolution
+with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the convolution module's depthwise convolution with its
+layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
 positional term ("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label
 ("lstm_cell", used by heads.py).
 """

@@ -2,29 +2,29 @@
 
 * fp32: the checkpoint as it is.
 * bf16: the encoder's blocks (feed-forwards, attention, convolution module) and its streaming state (the K/V and
-  conv rings) in bfloat16.  The residual stream between the blocks and the five layer norms that read it stay
-  fp32, with the checkpoint's exact weights (`cast_to_bf16`); each residual add and the norm after it are one
-  pass of chorus' kernel (`residual_norm.add_norm`), so this mix runs faster than the all-bf16 layer did, where
-  in torch its mixed-dtype adds and casts had cost 4-17 % of a step (bench/README.md, "The fp32 residual stream
-  and chorus' bf16 kernels").  The subsampling's first convolution stays fp32 (its input is the log-mel, which
-  bf16 would round to 3 significant digits), and so does the depthwise convolution after it (`dw_striding`):
-  in bf16 it alone put the trained model's streamed encoder output 0.64 % (RMS) from fp32's instead of 0.50 %,
-  for ~1 % of a step.  The first convolution's product, bias and ReLU are one pass of chorus' kernel, which
-  hands fp32 to that depthwise convolution (bf16 after it).  The convolution module's depthwise convolution and its norm keep fp32 weights too, and run
-  with the Swish after them as one kernel pass over the bf16 window (`depthwise.depthwise_norm_silu`), rounding
-  once at the end.  The attention over the K/V ring (the content and positional scores, softmax, the weighted sum
-  of the values) is one kernel pass per layer in fp32 sums, rounding once (`_ring_attention`); torch's fused
-  attention took ~15 % of a 16-stream step on an AMD EPYC without AMX.  The layers' output (and the output
-  projection, where there is one) is fp32, so the encoder output the decoders read is not rounded to bf16.  The
-  trained model's encoder output is 0.50 % (RMS) from fp32's; 0.64 % with the subsampling's depthwise
-  convolution in bf16, 0.84 % with torch's attention too, 1.06 % with the residual and norms in bf16 too, and
-  1.80 % when the first convolution's weights were cast to bf16 and back (until 2026-12-03).  The RNNT products that a label step repeats (the predictor LSTM's and
-  the joint's encoder and predictor projections, 8 of the ~11 MB of weights a label step reads at the real size)
-  run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy loop x1.13 / x1.64 faster at 16 / 64
-  streams, and no WER worse than with them in fp32 (bench/README.md, "bf16 RNNT products"); the loop's LSTM
-  cell for the streams that emitted runs as one kernel pass (`heads.step_emitting`, the loop x1.25-1.32 faster).
-  The LSTM state, the gates' sums, the joint's output layer (the logits the beam search and the LM score) and
-  the CTC head stay fp32: with the output layer in bf16 too the loop gained x1.34 / x2.29 but the 200 awb
+  conv rings) in bfloat16. The residual stream between the blocks and the five layer norms that read it stay fp32,
+  with the checkpoint's exact weights (`cast_to_bf16`); each residual add and the norm after it are one pass of
+  chorus' kernel (`residual_norm.add_norm`), so this mix runs faster than the all-bf16 layer did, where in torch its
+  mixed-dtype adds and casts had cost 4-17 % of a step (bench/README.md, "The fp32 residual stream and chorus' bf16
+  kernels"). The subsampling's first convolution stays fp32 (its input is the log-mel, which bf16 would round to 3
+  significant digits), and so does the depthwise convolution after it (`dw_striding`): in bf16 it alone put the
+  trained model's streamed encoder output 0.64 % (RMS) from fp32's instead of 0.50 %, for ~1 % of a step. The first
+  convolution's product, bias and ReLU are one pass of chorus' kernel, which hands fp32 to that depthwise
+  convolution (bf16 after it). The convolution module's depthwise convolution and its norm keep fp32 weights too,
+  and run with the Swish after them as one kernel pass over the bf16 window (`depthwise.depthwise_norm_silu`),
+  rounding once at the end. The attention over the K/V ring (the content and positional scores, softmax, the
+  weighted sum of the values) is one kernel pass per layer in fp32 sums, rounding once (`_ring_attention`); torch's
+  fused attention took ~15 % of a 16-stream step on an AMD EPYC without AMX. The layers' output (and the output
+  projection, where there is one) is fp32, so the encoder output the decoders read is not rounded to bf16. The
+  trained model's encoder output is 0.50 % (RMS) from fp32's; 0.64 % with the subsampling's depthwise convolution in
+  bf16, 0.84 % with torch's attention too, 1.06 % with the residual and norms in bf16 too, and 1.80 % when the first
+  convolution's weights were cast to bf16 and back (until 2026-12-03). The RNNT products that a label step repeats
+  (the predictor LSTM's and the joint's encoder and predictor projections, 8 of the ~11 MB of weights a label step
+  reads at the real size) run in bf16 with fp32 inputs and outputs (`heads.product`): the greedy loop x1.13 / x1.64
+  faster at 16 / 64 streams, and no WER worse than with them in fp32 (bench/README.md, "bf16 RNNT products"); the
+  loop's LSTM cell for the streams that emitted runs as one kernel pass (`heads.step_emitting`, the loop x1.25-1.32
+  faster). The LSTM state, the gates' sums, the joint's output layer (the logits the beam search and the LM score)
+  and the CTC head stay fp32: with the output layer in bf16 too the loop gained x1.34 / x2.29 but the 200 awb
   sentences lost 0.41 points with beam + LM against fp32 decoders (15 worse, 9 better).
 * int8: every matrix product of the encoder (subsampling output, Q/K/V, attention output, both
   feed-forwards, both pointwise convolutions) runs as int8 x int8 -> int32 with `torch._int_mm`
