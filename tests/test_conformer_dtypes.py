@@ -147,11 +147,10 @@ def test_bf16_one_layer_model_keeps_bf16_state(mels):
 
 
 def test_bf16_keeps_the_exact_weights_of_what_computes_in_fp32():
-    """The subsampling's first convolution and the depthwise one after it, the layers' norms (which read the
-    fp32 residual stream) and the convolution module's depthwise convolution and norm compute in fp32 in the
-    bf16 path, with the checkpoint's weights as they are: cast to bf16 and back they would stay rounded (the
-    first convolution's were, until that was found: it took the trained model's encoder output from 1.06 % to
-    1.80 % RMS off fp32)."""
+    """The subsampling's convolutions but its last pointwise one, the layers' norms (which read the fp32 residual
+    stream) and the convolution module's depthwise convolution and norm compute in fp32 in the bf16 path, with the
+    checkpoint's weights as they are: cast to bf16 and back they would stay rounded (the first convolution's were,
+    until that was found: it took the trained model's encoder output from 1.06 % to 1.80 % RMS off fp32)."""
     fp32 = tiny_model(seed=4)
     with torch.no_grad():
         for norm in (fp32.encoder.layers[-1].norm_out, fp32.encoder.layers[0].norm_conv,
@@ -159,17 +158,17 @@ def test_bf16_keeps_the_exact_weights_of_what_computes_in_fp32():
             norm.weight.normal_()   # not 1.0, which bf16 holds exactly
     model = apply_dtype(copy.deepcopy(fp32), "bf16")
     assert model.encoder.pre_encode.conv[2].groups > 1   # dw_striding: a depthwise convolution
-    exact = ["pre_encode.conv.0", "pre_encode.conv.2"] + [f"layers.{i}.{norm}" for i in range(len(model.encoder.layers))
-                                     for norm in ("norm_feed_forward1", "norm_self_att", "norm_conv",
-                                                  "norm_feed_forward2", "norm_out", "conv.depthwise_conv",
-                                                  "conv.batch_norm")]
+    exact = [f"pre_encode.conv.{i}" for i in (0, 2, 3, 5)]
+    exact += [f"layers.{i}.{norm}" for i in range(len(model.encoder.layers))
+              for norm in ("norm_feed_forward1", "norm_self_att", "norm_conv", "norm_feed_forward2", "norm_out",
+                           "conv.depthwise_conv", "conv.batch_norm")]
     for name in exact:
         want = fp32.encoder.get_submodule(name).state_dict()
         for key, t in model.encoder.get_submodule(name).state_dict().items():
             assert t.dtype == torch.float32 and torch.equal(t, want[key]), (name, key)
     assert all(layer.fp32_residual for layer in model.encoder.layers)
     assert model.encoder.layers[0].conv.pointwise_conv1.weight.dtype == torch.bfloat16   # the products are bf16
-    assert model.encoder.pre_encode.conv[3].weight.dtype == model.encoder.pre_encode.out.weight.dtype == torch.bfloat16
+    assert model.encoder.pre_encode.conv[6].weight.dtype == model.encoder.pre_encode.out.weight.dtype == torch.bfloat16
     assert model.encoder.layers[0].feed_forward1.linear1.weight.dtype == torch.bfloat16
     # The RNNT products a label step repeats are bf16; the logits, the CTC head and the state stay fp32.
     assert model.decoder.prediction["dec_rnn"].lstm.weight_hh_l0.dtype == torch.bfloat16

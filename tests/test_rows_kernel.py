@@ -194,6 +194,46 @@ def test_first_convolution_kernel_equals_torch(channels, out_dtype):
 
 
 @needs_bf16
+@pytest.mark.parametrize("channels,bias", [(256, True), (48, False)])
+def test_first_two_subsampling_convolutions_kernel_equals_torch(channels, bias):
+    """The bf16 path's first convolution, ReLU and depthwise convolution in one pass (the first convolution's
+    output made row by row in cache) against torch's convolutions with the masking between them: within fp32's
+    rounding, streams shorter than the batch included, and a stream's output independent of the batch and of the
+    threads the batch is split over."""
+    from chorus.asr.conformer.model import CausalConv2D, _first_two_convs, _time_mask, _zero_beyond, \
+        causal_conv_length
+    torch.manual_seed(channels)
+    convs = torch.nn.Sequential(CausalConv2D(1, channels, 3, 2, bias=bias), torch.nn.ReLU(True),
+                                CausalConv2D(channels, channels, 3, 2, groups=channels, bias=bias)).eval()
+    lengths = torch.tensor([65, 40, 7, 64, 1])
+    x = torch.randn(5, 1, 65, 80).masked_fill(~_time_mask(lengths, 65)[:, None, :, None], 0.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        assert rows_kernel.fused("subsample_first_two") is not None
+        try:
+            torch.set_num_threads(1)
+            got, got_lengths, t2, f2 = _first_two_convs(x, lengths, convs, 80)
+            torch.set_num_threads(2)  # streams split over two threads
+            split = _first_two_convs(x, lengths, convs, 80)[0]
+        finally:
+            torch.set_num_threads(threads)
+        alone = _first_two_convs(x[2:3].contiguous(memory_format=torch.channels_last), lengths[2:3], convs, 80)[0]
+        h = torch.relu(F.conv2d(x, convs[0].weight, convs[0].bias, stride=2, padding=2))
+        lengths1 = causal_conv_length(lengths, 1)
+        h = _zero_beyond(h, lengths1, causal_conv_length(65, 1), causal_conv_length(80, 1))
+        want = F.conv2d(h, convs[2].weight, convs[2].bias, stride=2, padding=2, groups=channels)
+    assert (t2, f2) == (causal_conv_length(65, 2), causal_conv_length(80, 2)) == tuple(got.shape[2:])
+    assert torch.equal(got_lengths, causal_conv_length(lengths, 2))
+    want = want[:, :, :t2, :f2]
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(alone[0], got[2]) and torch.equal(split, got)
+    if not bias:  # past a stream's end the first convolution's output is zero, so the depthwise one gives zero
+        assert got[4, :, 2:].abs().max() == 0 and got[4, :, :1].abs().max() > 0
+
+
+@needs_bf16
 @pytest.mark.parametrize("channels,bias", [(512, True), (48, False)])
 def test_depthwise_norm_swish_kernel_equals_torch(channels, bias):
     """The bf16 path's depthwise convolution + layer norm + Swish in one pass against torch's ops in fp32: the

@@ -276,6 +276,74 @@ BF16_TARGET int bf16_conv_taps_relu(int R, int K, int N, const float* p, const f
   return 0;
 }
 
+/* ---- the subsampling's first two convolutions (dw_striding), for the bf16 compute path ---------------------
+ * x fp32 [B][T0][F0]: the log-mel, each stream's tail already zeroed.  First convolution (one input channel ->
+ * C, 3x3, stride 2, padding 2 before: h[r][f] = relu(b0 + sum_k taps(r, f)[k] w0[k]), w0 [9][C]), then the
+ * depthwise convolution (3x3, stride 2, padding 2 before: out[t][f] = b2 + sum_{i,j} w2[3i+j] h[2t+i-2][2f+j-2],
+ * w2 [9][C]), all fp32.  h is zero outside rows [0, rows1[b]) and columns [0, F1): what the masking between the
+ * convolutions leaves.  out fp32 [B][T2][F2][C] holds the causal outputs only.  h never reaches memory: its rows
+ * are made as the depthwise convolution needs them, into a 3-row ring (3 x F1 x C floats, in cache); through
+ * torch h was the largest tensor of a step (~22 MB fp32 at 16 streams), written once and read back by oneDNN's
+ * depthwise convolution.  Sums go from the bias in tap order and streams are independent: batched equals alone,
+ * bit for bit; h equals `bf16_conv_taps_relu`'s fp32 output bit for bit. */
+BF16_TARGET static void first_conv_row(int r, int T0, int F0, const float* x, int F1, int C, const float* w0,
+                                       const float* b0, float* row) {
+  for (int f = 0; f < F1; f++) {
+    float taps[9];
+    for (int i = 0; i < 3; i++)
+      for (int j = 0; j < 3; j++) {
+        const int t = 2 * r + i - 2, q = 2 * f + j - 2;
+        taps[3 * i + j] = (t >= 0 && t < T0 && q >= 0 && q < F0) ? x[(size_t)t * F0 + q] : 0.0f;
+      }
+    for (int c = 0; c < C / 16; c += 8) {
+      const float* bc = b0 ? b0 + c * 16 : NULL;
+      float* o = row + (size_t)f * C + c * 16;
+      switch (C / 16 - c < 8 ? C / 16 - c : 8) {
+#define CASE(n) case n: conv_taps_block(n, 9, C, taps, w0 + c * 16, bc, o, 1); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+      }
+    }
+  }
+}
+
+BF16_TARGET int subsample_first_two(int B, int T0, int F0, const float* x, const int* rows1, int F1, int C,
+                                    const float* w0, const float* b0, const float* w2, const float* b2, int T2,
+                                    int F2, float* out) {
+  if (B < 1 || T0 < 1 || F0 < 1 || F1 < 1 || C < 16 || (C & 15) || T2 < 0 || F2 < 1) return -1;
+  float* ring = (float*)malloc(sizeof(float) * 3 * (size_t)F1 * C);
+  if (!ring) return -2;
+  for (int b = 0; b < B; b++) {
+    const float* xb = x + (size_t)b * T0 * F0;
+    const int rows = rows1[b];
+    int made = 0;  /* h rows [0, made) have been made; row r lives in ring slot r % 3 */
+    for (int t = 0; t < T2; t++) {
+      for (; made <= 2 * t && made < rows; made++)
+        first_conv_row(made, T0, F0, xb, F1, C, w0, b0, ring + (size_t)(made % 3) * F1 * C);
+      for (int f = 0; f < F2; f++) {
+        float* o = out + (((size_t)b * T2 + t) * F2 + f) * C;
+        for (int c = 0; c < C; c += 16) {
+          __m512 s = b2 ? _mm512_loadu_ps(b2 + c) : _mm512_setzero_ps();
+          for (int i = 0; i < 3; i++) {
+            const int r = 2 * t + i - 2;
+            if (r < 0 || r >= rows) continue;
+            const float* hr = ring + (size_t)(r % 3) * F1 * C;
+            for (int j = 0; j < 3; j++) {
+              const int q = 2 * f + j - 2;
+              if (q < 0 || q >= F1) continue;
+              s = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + (3 * i + j) * C + c), _mm512_loadu_ps(hr + (size_t)q * C + c),
+                                  s);
+            }
+          }
+          _mm512_storeu_ps(o + c, s);
+        }
+      }
+    }
+  }
+  free(ring);
+  return 0;
+}
+
 /* ---- e^x and the functions built on it, for the bf16 path's kernels below ---------------------------------- */
 BF16_TARGET static inline __m512 exp512(__m512 x) {
   /* e^x = 2^n e^r, r = x - n ln2 in [-ln2/2, ln2/2]; degree-7 Taylor polynomial (relative error < 2e-7, far

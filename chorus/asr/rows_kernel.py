@@ -13,12 +13,13 @@ with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 
-The same library holds five per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16 kernel
+The same library holds six per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16 kernel
 is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first convolution
-with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the convolution module's depthwise convolution with its
-layer norm and Swish ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its
-positional term ("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label
-("lstm_cell", used by heads.py).
+with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the same with the depthwise convolution after it, fp32
+("subsample_first_two"), the convolution module's depthwise convolution with its layer norm and Swish
+("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its positional term
+("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label ("lstm_cell", used by
+heads.py).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ _INT, _PTR, _FLOAT = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _FUSED = {
     "add_layer_norm": ("bf16_add_layer_norm", [_INT, _INT, _PTR, _PTR, _FLOAT, _PTR, _PTR, _PTR, _FLOAT, _PTR, _INT]),
     "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4 + [_INT]),
+    "subsample_first_two": ("subsample_first_two", [_INT] * 3 + [_PTR] * 2 + [_INT] * 2 + [_PTR] * 4 + [_INT] * 2
+                            + [_PTR]),
     "depthwise_norm_silu": ("bf16_depthwise_norm_silu", [_INT] * 4 + [_PTR] * 5 + [_FLOAT, _PTR]),
     "lstm_cell": ("lstm_cell_emitting", [_INT] * 3 + [_PTR] * 7),
     "ring_attention": ("bf16_ring_attention", [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int64] * 2 + [_PTR] * 3
@@ -220,6 +223,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
                 _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="chorus-rows-kernel")
                 _state["pool_workers"] = workers
     return _state["pool"]
+
+
+def over_streams(streams: int, call) -> bool:
+    """Run `call(start, stop)`, a kernel call over streams [start, stop) that lets the GIL go and returns nonzero
+    on failure, split over torch's threads (streams are independent, so the split changes no result); True if any
+    part failed."""
+    threads = min(torch.get_num_threads(), streams)
+    if threads <= 1:
+        return bool(call(0, streams))
+    bounds = [streams * i // threads for i in range(threads + 1)]
+    parts = [_pool(threads - 1).submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    failed = bool(call(bounds[0], bounds[1]))
+    return any([p.result() for p in parts]) or failed
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:

@@ -201,14 +201,23 @@ class ConvSubsampling(nn.Module):
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         if int(lengths.min()) < valid_t:
             x = x.masked_fill(~_time_mask(lengths, valid_t)[:, None, :, None], 0.0)  # a copy: the input stays
-        # Each convolution's output goes on in the next one's dtype (bf16 keeps only the first in fp32,
-        # precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its pass.
+        # Each convolution's output goes on in the next one's dtype (bf16 keeps all but the last pointwise one in
+        # fp32, precision.py), cast before the ReLU between them: ReLU commutes with rounding and bf16 halves its
+        # pass.
         out_dtype = self.out.weight.dtype if isinstance(self.out, nn.Linear) else x.dtype  # int8: a product module
         dtypes = [m.weight.dtype for m in self.conv if isinstance(m, nn.Conv2d)][1:] + [out_dtype]
         bf16_path = torch.bfloat16 in dtypes  # chorus' kernel computes the first convolution for the bf16 path
         applied = -1  # the index of a ReLU the first convolution applied already
+        start = 0
+        if bf16_path:  # the first two convolutions in one pass of chorus' kernel, where it applies
+            front = _first_two_convs(x, lengths, self.conv, valid_f)
+            if front is not None:
+                x, lengths, valid_t, valid_f = front
+                start = 3
+                x = x.to(dtypes[1])
+                del dtypes[:2]
         for i, layer in enumerate(self.conv):
-            if i == applied:
+            if i < start or i == applied:
                 continue
             if isinstance(layer, CausalConv2D):
                 if i:
@@ -296,6 +305,43 @@ def _first_conv_relu(x: torch.Tensor, conv: nn.Conv2d, out_dtype: torch.dtype, b
             torch.addmm(conv.bias, p, w, out=y)
         out[s:s + step].view(-1, conv.out_channels).copy_(y.clamp_min_(0.0))
     return out.permute(0, 3, 1, 2)
+
+
+def _first_two_convs(x: torch.Tensor, lengths: torch.Tensor, convs: nn.Sequential, valid_f: int):
+    """The bf16 path's first convolution, its ReLU and the depthwise convolution after it (`dw_striding`, both in
+    fp32) as one pass of chorus' kernel (rows_kernel.c, `subsample_first_two`): its first convolution's output,
+    the largest tensor of a step, stays in cache instead of going to memory and back.  x is the channels-last
+    log-mel [B, 1, T, F], its tails zeroed.  Returns (the depthwise convolution's causal outputs, fp32 [B, C, T2,
+    F2] channels-last, with their lengths and sizes) or None where the kernel does not apply (torch's ops then)."""
+    first, depthwise = convs[0], convs[2] if len(convs) > 2 else None
+    fused = rows_kernel.fused("subsample_first_two")
+    if fused is None or not isinstance(depthwise, CausalConv2D) or not isinstance(convs[1], nn.ReLU) \
+            or first.in_channels != 1 or depthwise.groups != depthwise.in_channels or not x.is_cpu \
+            or torch.is_grad_enabled() or first.kernel_size != (3, 3) or depthwise.kernel_size != (3, 3) \
+            or first.stride != (2, 2) or depthwise.stride != (2, 2) or first.out_channels % 16 \
+            or any(w.dtype != torch.float32 for w in (x, first.weight, depthwise.weight)):
+        return None
+    b, _, t0, f0 = x.shape
+    c = first.out_channels
+    valid_t1, valid_f1 = causal_conv_length(t0, 1), causal_conv_length(valid_f, 1)
+    lengths1 = causal_conv_length(lengths, 1)
+    rows1 = lengths1.clamp(max=valid_t1).to(torch.int32).contiguous()
+    t2, f2 = causal_conv_length(valid_t1, 1), causal_conv_length(valid_f1, 1)
+    mel = x[:, 0].contiguous()  # channels-last with one channel: already [B, T, F] in memory
+    taps0 = first.weight.detach().reshape(c, 9).t().contiguous()
+    taps2 = depthwise.weight.detach().reshape(c, 9).t().contiguous()
+    bias0, bias2 = (None if m.bias is None else m.bias.detach().contiguous() for m in (first, depthwise))
+    out = torch.empty(b, t2, f2, c)
+    weights = (taps0.data_ptr(), None if bias0 is None else bias0.data_ptr(), taps2.data_ptr(),
+               None if bias2 is None else bias2.data_ptr())
+
+    def streams(start: int, stop: int) -> int:
+        return fused(stop - start, t0, f0, mel[start].data_ptr(), rows1[start].data_ptr(), valid_f1, c, *weights,
+                     t2, f2, out[start].data_ptr())
+
+    if rows_kernel.over_streams(b, streams):
+        raise ValueError("subsample_first_two kernel rejected its arguments")
+    return out.permute(0, 3, 1, 2), causal_conv_length(lengths1, 1), t2, f2
 
 
 def _zero_beyond(x: torch.Tensor, lengths: torch.Tensor, valid_t: int, valid_f: int) -> torch.Tensor:
