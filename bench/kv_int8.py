@@ -1,7 +1,7 @@
 """int8 K/V state (`--kv-dtype int8`) against the compute dtype's state: bytes per slot, streams per memory
 budget, and (with --speed) the encoder step time of FastConformer at NeMo's real size, same run.
 
-    python bench/kv_int8.py [--budget-gib 1] [--speed --streams 1,16 --seconds 4]
+    python bench/kv_int8.py [--budget-gib 1] [--speed --streams 1,16 --seconds 4 --dtypes fp32,bf16]
 
 Bytes come from the state specs (what the pools allocate), at the real size of NeMo's streaming FastConformer
 (17 layers, d_model 512; all four lookaheads and [70, 6] only) and of Whisper tiny.en (its dimensions; no
@@ -11,6 +11,8 @@ weights are read).  Accuracy on trained weights is measured with `chorus eval --
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chorus.asr.conformer.asr_model import FastConformerModel  # noqa: E402
+from chorus.asr.conformer.precision import apply_dtype  # noqa: E402
 from chorus.asr.conformer.streaming import ConformerStreamer, apply_kv_dtype, conformer_state_spec  # noqa: E402
 from chorus.asr.whisper.family import WhisperModel  # noqa: E402
 from chorus.asr.whisper.model import SIZES, Whisper  # noqa: E402
@@ -70,33 +73,37 @@ def whisper_rows(budget: int) -> None:
 
 
 @torch.no_grad()
-def speed(streams: list[int], seconds: float, threads: int) -> None:
+def speed(streams: list[int], seconds: float, threads: int, dtypes: list[str]) -> None:
+    """Median encoder step with the compute dtype's state and with int8 state, the two engines stepping in turn
+    (same process, same chunks), for each compute dtype."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     base = FastConformerModel(real_spec(1024)).eval()
     print(f"FastConformer real size, encoder steps at [70, 6] (7 frames a chunk), {threads} thread(s), "
-          f"{seconds:g} s of random mel per stream, fp32 compute; median step")
-    for n in streams:
-        times = {}
-        for kv in ("auto", "int8"):
-            model = apply_kv_dtype(base, kv)
-            eng = ConformerStreamer(model, slots=n)
-            setting = eng.setting((70, 6))
-            slots = [eng.open() for _ in range(n)]
-            steps = int(seconds / (setting.chunk_ms / 1000))
+          f"{seconds:g} s of random mel per stream, the two states stepping in turn; median step")
+    for dtype in dtypes:
+        model = apply_dtype(copy.deepcopy(base), dtype)
+        for n in streams:
+            engines = {kv: ConformerStreamer(apply_kv_dtype(model, kv), slots=n) for kv in ("auto", "int8")}
+            setting = engines["auto"].setting((70, 6))
+            slots = {kv: [e.open() for _ in range(n)] for kv, e in engines.items()}
+            steps = max(int(seconds / (setting.chunk_ms / 1000)), 4)
             mel = torch.randn(n, setting.plan.first_size, 80), torch.randn(n, setting.plan.size, 80)
-            t = []
-            for i in range(steps):
-                chunk = mel[0] if i == 0 else mel[1]
-                consumed = setting.plan.first_shift if i == 0 else setting.plan.shift
-                t0 = time.perf_counter()
-                eng.step(slots, list(chunk), [consumed] * n, setting, None)
-                t.append(time.perf_counter() - t0)
-            for s in slots:
-                eng.close(s)
-            times[kv] = sorted(t[2:])[len(t[2:]) // 2]
-        print(f"  {n:3d} streams: fp32 state {1000 * times['auto']:7.1f} ms, int8 state {1000 * times['int8']:7.1f} ms"
-              f"  (x{times['int8'] / times['auto']:.2f})")
+            times = {kv: [] for kv in engines}
+            with torch.no_grad():
+                for i in range(steps):
+                    chunk = mel[0] if i == 0 else mel[1]
+                    consumed = setting.plan.first_shift if i == 0 else setting.plan.shift
+                    for kv, eng in engines.items():
+                        t0 = time.perf_counter()
+                        eng.step(slots[kv], list(chunk), [consumed] * n, setting, None)
+                        times[kv].append(time.perf_counter() - t0)
+            for kv, eng in engines.items():
+                for slot in slots[kv]:
+                    eng.close(slot)
+            med = {kv: statistics.median(t[2:]) for kv, t in times.items()}
+            print(f"  {dtype} compute, {n:3d} streams: {dtype} state {1000 * med['auto']:7.1f} ms, int8 state "
+                  f"{1000 * med['int8']:7.1f} ms  (x{med['int8'] / med['auto']:.2f})")
 
 
 def main() -> None:
@@ -106,12 +113,13 @@ def main() -> None:
     p.add_argument("--streams", default="1,16")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtypes", default="fp32,bf16", help="compute dtypes of the --speed runs")
     args = p.parse_args()
     budget = int(args.budget_gib * 2**30)
     conformer_rows(budget)
     whisper_rows(budget)
     if args.speed:
-        speed([int(s) for s in args.streams.split(",")], args.seconds, args.threads)
+        speed([int(s) for s in args.streams.split(",")], args.seconds, args.threads, args.dtypes.split(","))
 
 
 if __name__ == "__main__":

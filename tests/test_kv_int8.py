@@ -116,6 +116,32 @@ def test_int8_rings_hold_each_stream_alone_and_within_rounding(width):
     assert r["k"][1].abs().sum().item() == 0 and r["vs"][1].abs().sum().item() == 0  # an unused slot untouched
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int8_read_kernel_equals_torch(out_dtype):
+    """An int8 ring's history read through chorus' kernel (one pass) gives torch's gather, cast and product bit for
+    bit, per-row fp32 scales (values, conv inputs) and per-channel fp16 scales (keys), into a strided window."""
+    from chorus.asr import rows_kernel
+    from chorus.cache.quantized import read_rows
+    kernel = rows_kernel.fused("int8_rows_dequant")
+    if kernel is None:
+        pytest.skip(f"chorus' bf16 kernels are off here ({rows_kernel.status()})")
+    torch.manual_seed(0)
+    b, h, c = 3, 5, 48
+    q = torch.randint(-127, 128, (40, c), dtype=torch.int8)
+    row_scales = torch.rand(40) / 100
+    channel_scales = (torch.rand(9, c) / 100).half()
+    rows = torch.randint(0, 40, (b * h,))
+    srows = torch.randint(0, 9, (b * h,))
+    for scales, picked in ((row_scales, None), (channel_scales, srows)):
+        window = torch.zeros(b, h + 2, 2 * c, dtype=out_dtype)
+        assert read_rows(kernel, q, rows, scales, picked, window[:, :h, c:])
+        s = scales[rows].view(b, h, 1) if picked is None else scales[picked].float().view(b, h, c)
+        want = (q[rows].float().view(b, h, c) * s).to(out_dtype)
+        assert torch.equal(window[:, :h, c:], want)
+        assert not window[:, :h, :c].any() and not window[:, h:].any()  # nothing written outside the view
+    assert not read_rows(None, q, rows, row_scales, None, window[:, :h, c:])  # no kernel: torch's ops
+
+
 def test_key_groups_fit_the_ring():
     for history, chunk in [(70, 14), (70, 7), (70, 1), (8, 4), (12, 9), (5, 5)]:
         g = key_group_size(history, chunk)
@@ -151,14 +177,30 @@ def test_conformer_int8_kv_law2_and_near_fp32_state(mels, context, monkeypatch):
     assert engine.pool.used == 0 and ref_engine.pool.used == 0
 
 
-def test_conformer_bf16_compute_with_int8_kv(mels):
+def test_conformer_bf16_compute_with_int8_kv(mels, monkeypatch):
+    """bf16 compute over int8 K/V rings: near fp32, batched equals alone within the int8 state's quantum, and on
+    CPUs with chorus' bf16 kernel the attention runs through it (the window says each key's place in time)."""
+    from chorus.asr import rows_kernel
+    from chorus.asr.conformer.model import RelPositionMultiHeadAttention
+    kernel_passes = []
+    ring_attention = RelPositionMultiHeadAttention._ring_attention
+
+    def counted(self, *args):
+        out = ring_attention(self, *args)
+        kernel_passes.append(out is not None)
+        return out
+
     fp32 = ConformerStreamer(tiny_model(seed=1), slots=4)
     engine = ConformerStreamer(apply_kv_dtype(apply_dtype(tiny_model(seed=1), "bf16"), "int8"), slots=4)
+    monkeypatch.setattr(RelPositionMultiHeadAttention, "_ring_attention", counted)
     together, tokens = stream(engine, mels)
+    assert all(kernel_passes) == (rows_kernel.fused("ring_attention") is not None) and kernel_passes
     ref, _ = stream(fp32, mels)
-    for b in range(len(mels)):
+    for b, mel in enumerate(mels):
         err = (together[b] - ref[b]).pow(2).mean().sqrt() / ref[b].pow(2).mean().sqrt()
         assert err.item() < 0.05 and len(tokens[b]) > 0
+        alone, tok_alone = stream(engine, [mel])
+        assert (together[b] - alone[0]).abs().max().item() <= 2e-2 * ref[b].abs().max().item()
     assert engine.pool.used == 0
 
 

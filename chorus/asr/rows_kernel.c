@@ -344,6 +344,34 @@ BF16_TARGET int subsample_first_two(int B, int T0, int F0, const float* x, const
   return 0;
 }
 
+/* ---- an int8 ring's rows, dequantized (`--kv-dtype int8`, chorus/cache/quantized.py) -----------------------
+ * For r < R (r = b H + h): out[b][h][c] = q[rows[r]][c] * scale, with C int8 channels a row (C a multiple of 16).
+ * The scale is per row (fp32 scales[rows[r]]: values, conv inputs) or, with `channel_scales`, per channel (fp16
+ * scales[srows[r]][c]: keys).  out (fp32, or bf16 with `out_bf16`) is strided: row (b, h) at b * out_b + h * out_h
+ * elements, so the history lands straight in its part of the window.  Through torch a read was two gathers, two
+ * casts and a product, each a pass over the rows. */
+BF16_TARGET int int8_rows_dequant(int R, int H, int C, const int8_t* q, const int64_t* rows, const void* scales,
+                                  const int64_t* srows, int channel_scales, void* out, int64_t out_b, int64_t out_h,
+                                  int out_bf16) {
+  if (R < 0 || H < 1 || C < 16 || (C & 15)) return -1;
+  for (int r = 0; r < R; r++) {
+    const int8_t* qr = q + rows[r] * (int64_t)C;
+    const int64_t at = (r / H) * out_b + (r % H) * out_h;
+    const uint16_t* sc = channel_scales ? (const uint16_t*)scales + srows[r] * (int64_t)C : NULL;
+    const __m512 s_row = _mm512_set1_ps(channel_scales ? 0.0f : ((const float*)scales)[rows[r]]);
+    for (int c = 0; c < C; c += 16) {
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qr + c))));
+      const __m512 s = sc ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + c))) : s_row;
+      const __m512 y = _mm512_mul_ps(x, s);
+      if (out_bf16)
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + at + c), (__m256i)_mm512_cvtneps_pbh(y));
+      else
+        _mm512_storeu_ps((float*)out + at + c, y);
+    }
+  }
+  return 0;
+}
+
 /* ---- e^x and the functions built on it, for the bf16 path's kernels below ---------------------------------- */
 BF16_TARGET static inline __m512 exp512(__m512 x) {
   /* e^x = 2^n e^r, r = x - n ln2 in [-ln2/2, ln2/2]; degree-7 Taylor polynomial (relative error < 2e-7, far

@@ -13,13 +13,14 @@ with ctypes.  Without a compiler, without AVX-512 (torch's CPU capability), when
 `CHORUS_ROWS_KERNEL=0`, `kernel()` is None and the products go through oneDNN; the bf16 kernel also needs the
 CPU's AVX512-BF16 (`avx512_bf16` in /proc/cpuinfo).  `status()` says which are on and why not.
 
-The same library holds six per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16 kernel
-is): the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first convolution
-with its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the same with the depthwise convolution after it, fp32
+The same library holds per-row kernels of the FastConformer's bf16 path (`fused(key)`, on where the bf16 kernel is):
+the residual add + layer norm ("add_layer_norm", used by residual_norm.py), the subsampling's first convolution with
+its bias and ReLU, in bf16 or fp32 ("conv_taps_relu"), the same with the depthwise convolution after it, fp32
 ("subsample_first_two"), the convolution module's depthwise convolution with its layer norm and Swish
 ("depthwise_norm_silu", used by depthwise.py), the attention over a ring of keys with its positional term
 ("ring_attention"), and the RNNT predictor's LSTM cell for the streams that emitted a label ("lstm_cell", used by
-heads.py).
+heads.py); and the read of an int8 K/V or conv ring's history, dequantized in one pass ("int8_rows_dequant", used by
+chorus/cache/quantized.py through conformer/streaming.py).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ _FUSED = {
     "conv_taps_relu": ("bf16_conv_taps_relu", [_INT] * 3 + [_PTR] * 4 + [_INT]),
     "subsample_first_two": ("subsample_first_two", [_INT] * 3 + [_PTR] * 2 + [_INT] * 2 + [_PTR] * 4 + [_INT] * 2
                             + [_PTR]),
+    "int8_rows_dequant": ("int8_rows_dequant", [_INT] * 3 + [_PTR] * 4 + [_INT, _PTR] + [ctypes.c_int64] * 2
+                          + [_INT]),
     "depthwise_norm_silu": ("bf16_depthwise_norm_silu", [_INT] * 4 + [_PTR] * 5 + [_FLOAT, _PTR]),
     "lstm_cell": ("lstm_cell_emitting", [_INT] * 3 + [_PTR] * 7),
     "ring_attention": ("bf16_ring_attention", [_INT] * 6 + [_PTR] * 4 + [ctypes.c_int64] * 2 + [_PTR] * 3

@@ -1,6 +1,8 @@
 """int8 K/V state in KIVI's layout: keys per channel (one scale per channel per group of time steps),
 values (and other per-frame state) per token.  Dequantized on read, in a few whole-batch tensor ops per
-layer; no per-layer host reads (a ring step reads one shape per step: how many key groups its chunks reach).
+layer, or on CPU in one pass of a kernel the caller hands the rings (`read_rows`; chorus' int8_rows_dequant, the
+same result bit for bit); no per-layer host reads (a ring step reads one shape per step: how many key groups its
+chunks reach).
 
 KIVI (Liu et al. 2024) observed that keys have outlier *channels* and values do not, so keys are
 quantized per channel over a group of tokens and values per token.  Two stores here:
@@ -67,6 +69,24 @@ def key_scale_groups(history: int, group: int) -> int:
     return -(-history // group) + 1
 
 
+def read_rows(kernel, q: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, srows: torch.Tensor | None,
+              out: torch.Tensor) -> bool:
+    """out [B, H, C] = the int8 rows q[rows] (B * H of them, in order) times their scales: per row (scales[rows],
+    float32) or, given `srows`, per channel (scales[srows], float16), in one pass of `kernel` (the caller's
+    compiled `int8_rows_dequant`, chorus/asr/rows_kernel.c; the same products and rounding as torch's ops). False
+    where it does not apply (no kernel, not CPU, an output it cannot write): the caller then uses torch's ops."""
+    b, h, c = out.shape
+    if kernel is None or not q.is_cpu or c % 16 or out.dtype not in (torch.float32, torch.bfloat16) \
+            or out.stride(-1) != 1 or rows.dtype != torch.int64 or rows.numel() != b * h:
+        return False
+    rows = rows.contiguous()
+    srows = None if srows is None else srows.contiguous()
+    if kernel(b * h, h, c, q.data_ptr(), rows.data_ptr(), scales.data_ptr(), None if srows is None else srows.data_ptr(),
+              srows is not None, out.data_ptr(), out.stride(0), out.stride(1), out.dtype == torch.bfloat16):
+        raise ValueError("int8_rows_dequant kernel rejected its arguments")
+    return True
+
+
 class _RingStep:
     """What a step's rings share across layers: rows read and written for a batch of slots."""
 
@@ -93,17 +113,19 @@ class _RingStep:
 class Int8TokenRing:
     """A batch's view of an int8 frame ring with one float32 scale per frame (values, conv inputs)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, step: _RingStep):
-        """q [slots, L, history, C] int8; scale [slots, L, history] float32."""
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, step: _RingStep, kernel=None):
+        """q [slots, L, history, C] int8; scale [slots, L, history] float32; `kernel`: see `read_rows`."""
         slots, layers, rows, width = q.shape
         self.q = q.view(slots * layers * rows, width)
         self.s = scale.view(slots * layers * rows)
-        self.step, self.width = step, width
+        self.step, self.width, self.kernel = step, width, kernel
 
     def read(self, layer: int, out: torch.Tensor) -> None:
         """The history, dequantized into out [B, H, C] (any float dtype, may be a strided view), in time order."""
         st = self.step
         rows = st.read_rows + layer * st.rows_per_layer
+        if read_rows(self.kernel, self.q, rows, self.s, None, out):
+            return
         torch.mul(self.q.index_select(0, rows).float().view(st.batch, st.history, self.width),
                   self.s.index_select(0, rows).view(st.batch, st.history, 1), out=out)
 
@@ -123,15 +145,16 @@ class Int8ChannelRing:
     """A batch's view of an int8 frame ring with per-channel float16 scales per group of `group` frames
     (aligned to absolute positions), for keys."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, step: _RingStep, group: int):
-        """q [slots, L, history, C] int8; scale [slots, L, groups, C] float16 (a ring of groups)."""
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, step: _RingStep, group: int, kernel=None):
+        """q [slots, L, history, C] int8; scale [slots, L, groups, C] float16 (a ring of groups); `kernel`: see
+        `read_rows`."""
         slots, layers, rows, width = q.shape
         n_groups = scale.shape[2]
         if n_groups < key_scale_groups(rows, group):
             raise ValueError(f"{n_groups} key-scale groups cannot cover {rows} history frames in groups of {group}")
         self.q = q.view(slots * layers * rows, width)
         self.s = scale.view(slots * layers * n_groups, width)
-        self.step, self.width, self.group, self.n_groups = step, width, group, n_groups
+        self.step, self.width, self.group, self.n_groups, self.kernel = step, width, group, n_groups, kernel
         dev = step.first_pos.device
         b, t, g = step.batch, step.t, group
         self.s_base = (step.base // rows) * n_groups                        # [B, 1] first scale row of each slot
@@ -162,6 +185,8 @@ class Int8ChannelRing:
         st = self.step
         rows = st.read_rows + layer * st.rows_per_layer
         srows = self.read_srows + layer * self.s_layer
+        if read_rows(self.kernel, self.q, rows, self.s, srows, out):
+            return
         shape = (st.batch, st.history, self.width)
         torch.mul(self.q.index_select(0, rows).float().view(shape), self.s.index_select(0, srows).float().view(shape),
                   out=out)
@@ -190,12 +215,17 @@ class Int8KVWindow:
     """`update(layer, [k | v] of the chunk)` for int8 K/V rings: returns [B, H + T, 2d] (the history
     dequantized, then the chunk's own K/V as computed) in the chunk's dtype, and stores the chunk."""
 
-    def __init__(self, k_ring, k_scale, v_ring, v_scale, idx, first_pos, new_frames, valid, group: int):
+    def __init__(self, k_ring, k_scale, v_ring, v_scale, idx, first_pos, new_frames, valid, group: int,
+                 kernel=None):
         slots, layers, history, _ = k_ring.shape
         self.step = _RingStep(history, layers, idx, first_pos, new_frames, valid, history)
-        self.k = Int8ChannelRing(k_ring, k_scale, self.step, group)
-        self.v = Int8TokenRing(v_ring, v_scale, self.step)
+        self.k = Int8ChannelRing(k_ring, k_scale, self.step, group, kernel)
+        self.v = Int8TokenRing(v_ring, v_scale, self.step, kernel)
         self.d = k_ring.shape[-1]
+        # The window is in time order (the history, then the chunk); saying so row by row, as a ring read where
+        # it lies does, gives attention each key's relative position, which chorus' bf16 attention kernel takes
+        # (without it the bf16 path fell back to torch's attention, ~14 % of a 16-stream step).
+        self.key_index = torch.arange(history + new_frames, device=idx.device).expand(idx.shape[0], -1)
 
     def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         b, t, _ = new.shape
@@ -212,10 +242,10 @@ class Int8KVWindow:
 class Int8FrameWindow:
     """`update(layer, new)` for an int8 ring with per-frame scales (depthwise conv inputs)."""
 
-    def __init__(self, ring, scale, idx, first_pos, new_frames, valid):
+    def __init__(self, ring, scale, idx, first_pos, new_frames, valid, kernel=None):
         slots, layers, history, _ = ring.shape
         self.step = _RingStep(history, layers, idx, first_pos, new_frames, valid, history)
-        self.ring = Int8TokenRing(ring, scale, self.step)
+        self.ring = Int8TokenRing(ring, scale, self.step, kernel)
 
     def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
         b, t, c = new.shape

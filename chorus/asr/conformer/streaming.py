@@ -26,6 +26,7 @@ from ...cache.quantized import (CHANNEL_SCALE_DTYPE, TOKEN_SCALE_DTYPE, Int8Fram
                                 key_group_size, key_scale_groups)
 from ...cache.ring import FrameRingWindow, ring_rows
 from ...stream.chunking import ChunkPlan
+from .. import rows_kernel
 from .asr_model import FastConformerModel
 from .decoding import ctc_greedy, rnnt_greedy
 
@@ -247,9 +248,11 @@ class ConformerStreamer:
         # step rewrites them before it reads them); padded frames go to the trash row.
         left, pool = enc_cfg.max_left_context, self.pool.tensors
         if self.kv_int8:  # history-only int8 rings; the chunk's own K/V and conv inputs stay unquantized
+            dequant = rows_kernel.fused("int8_rows_dequant") if dev.type == "cpu" else None  # one pass a read
             kv = Int8KVWindow(pool["k_ring"], pool["k_scale"], pool["v_ring"], pool["v_scale"], idx,
-                              state["frames_done"], t_out, produced, self.key_group)
-            conv = Int8FrameWindow(pool["conv_ring"], pool["conv_scale"], idx, state["frames_done"], t_out, produced)
+                              state["frames_done"], t_out, produced, self.key_group, dequant)
+            conv = Int8FrameWindow(pool["conv_ring"], pool["conv_scale"], idx, state["frames_done"], t_out, produced,
+                                   dequant)
         else:
             # Attention reads the K/V ring as it lies: no copy when the slots are one ascending run.
             ids = [int(s) for s in slots]
